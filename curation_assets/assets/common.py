@@ -1,0 +1,63 @@
+"""Small helpers shared by the asset factories: keys, groups, progress logs, metadata."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import dagster as dg
+
+from curation_assets.config import ProjectConfig
+
+
+def asset_key(project: ProjectConfig, name: str) -> dg.AssetKey:
+    """Every asset key is prefixed by its project's name."""
+    return dg.AssetKey([project.name, name])
+
+
+def group_name(project: ProjectConfig, stage: str) -> str:
+    """Groups are per project and stage, so the UI shows each project's graph by stage."""
+    return f"{project.name}_{stage}"
+
+
+def shard_partitions(project: ProjectConfig) -> dg.DynamicPartitionsDefinition:
+    """One dynamic partition per shard; the discovery sensor adds keys."""
+    return dg.DynamicPartitionsDefinition(name=f"{project.name}_shards")
+
+
+class RateLogger:
+    """Logs 'done/total (rate/s)' at most every ``every_s`` seconds, and once at the end."""
+
+    def __init__(self, log: Any, what: str, unit: str = "images", every_s: float = 5.0):
+        self.log, self.what, self.unit, self.every_s = log, what, unit, every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None = None, rate: float | None = None) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        self.log.info(self._line(done, total, rate))
+
+    def finish(self, done: int) -> float:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = done / elapsed
+        self.log.info(f"{self.what}: {done} {self.unit} in {elapsed:.1f} s ({rate:,.1f} {self.unit}/s)")
+        return rate
+
+    def _line(self, done: int, total: int | None, rate: float | None) -> str:
+        rate = rate if rate is not None else done / max(time.perf_counter() - self.start, 1e-9)
+        of = f"/{total}" if total else ""
+        return f"{self.what}: {done}{of} {self.unit} ({rate:,.1f} {self.unit}/s)"
+
+
+def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> dg.MetadataValue:
+    """A small markdown table for asset metadata."""
+    rows = list(rows)
+    if not rows:
+        return dg.MetadataValue.md("_none_")
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))

@@ -1,0 +1,65 @@
+"""One project's asset graph: per-shard assets, global assets, their jobs, sensor and schedule.
+
+Stages switched off in the project file are absent from the graph. Stages that are
+declared and validated but not built yet (rotation, embeddings, filters, near-dup,
+clustering, sampling) are listed in the code location's metadata until their assets land.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from curation_assets.assets.common import shard_partitions
+from curation_assets.assets.discovery import build_discovery_sensor, build_refresh_schedule
+from curation_assets.assets.exact_duplicates import build_exact_duplicates_asset
+from curation_assets.assets.inventory import build_inventory_asset
+from curation_assets.assets.sanitize import build_sanitize_asset
+from curation_assets.config import ProjectConfig
+
+BUILT_STAGES = ("sanitize", "exact_dedup")
+
+
+def shard_job_name(project: ProjectConfig) -> str:
+    return f"{project.name}_shard_job"
+
+
+def global_job_name(project: ProjectConfig) -> str:
+    return f"{project.name}_global_job"
+
+
+def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
+    partitions = shard_partitions(project)
+    per_shard = [build_inventory_asset(project, partitions), build_sanitize_asset(project, partitions)]
+    global_assets = []
+    if project.stages.exact_dedup.enabled:
+        global_assets.append(build_exact_duplicates_asset(project))
+
+    shard_job = dg.define_asset_job(
+        shard_job_name(project),
+        selection=dg.AssetSelection.assets(*per_shard),
+        description=f"Per-shard assets of {project.name}: one run per shard (partition).",
+    )
+    jobs = [shard_job]
+    schedules = []
+    if global_assets:
+        global_job = dg.define_asset_job(
+            global_job_name(project),
+            selection=dg.AssetSelection.assets(*global_assets),
+            description=f"Global assets of {project.name}: read every processed shard from the store.",
+        )
+        jobs.append(global_job)
+        schedules.append(build_refresh_schedule(project, global_job))
+    return dg.Definitions(
+        assets=[*per_shard, *global_assets],
+        jobs=jobs,
+        sensors=[build_discovery_sensor(project, shard_job, partitions)],
+        schedules=schedules,
+    )
+
+
+def declared_stages(project: ProjectConfig) -> list[str]:
+    """Stages switched on in the project file, built or not yet."""
+    stages = project.stages
+    on = ["sanitize"]
+    on += [name for name in type(stages).model_fields if name != "sanitize" and getattr(stages, name).enabled]
+    return on

@@ -1,0 +1,531 @@
+"""Project files: pydantic models, the packaged defaults, deep merge and clear errors.
+
+A project file is YAML deep-merged over ``projects/defaults.yaml`` (the one place where
+defaults are written down) and validated here. Models forbid unknown keys; a wrong key or
+value raises :class:`ProjectConfigError` naming the key's path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+PROJECTS_DIR = Path(__file__).parent / "projects"
+DEFAULTS_FILE = PROJECTS_DIR / "defaults.yaml"
+PROJECTS_ENV = "CURATION_PROJECTS"  # extra project files or folders, os.pathsep-separated
+HOME_ENV = "CURATION_HOME"
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ProjectConfigError(ValueError):
+    """A project file that cannot be used, with every problem listed by key path."""
+
+
+def curation_home() -> Path:
+    """Where ${CURATION_HOME} points: the env var, else ./.curation under the working dir."""
+    return Path(os.environ.get(HOME_ENV) or Path.cwd() / ".curation").expanduser().resolve()
+
+
+def expand_path(value: str, base_dir: Path | None) -> str:
+    """Expand ${VAR}, ${VAR:-default} and ~; make a relative path absolute against base_dir."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name == HOME_ENV:
+            return str(curation_home())
+        found = os.environ.get(name)
+        if found is None and default is None:
+            raise ValueError(f"environment variable ${{{name}}} is not set (write ${{{name}:-default}})")
+        return found if found is not None else default
+
+    path = Path(_ENV_RE.sub(substitute, value)).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    return str(path.resolve())
+
+
+def _path_field(value: Any, info: ValidationInfo) -> Any:
+    if value is None or not isinstance(value, str):
+        return value
+    base = (info.context or {}).get("base_dir")
+    return expand_path(value, Path(base) if base else None)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class ShardRule(_Strict):
+    kind: Literal["subfolder", "chunks", "tar"]
+    chunk_size: int = Field(gt=0)
+
+
+class DatasetConfig(_Strict):
+    roots: dict[str, str]
+    input_kind: Literal["directory", "webdataset"]
+    shard_rule: ShardRule
+    follow_symlinks: bool
+
+    @field_validator("roots", mode="before")
+    @classmethod
+    def _plain_root(cls, value: Any) -> Any:
+        return {"data": value} if isinstance(value, str) else value
+
+    @field_validator("roots")
+    @classmethod
+    def _check_roots(cls, roots: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if not roots:
+            raise ValueError("at least one root is required (split name -> folder)")
+        for split in roots:
+            if not _NAME_RE.match(split):
+                raise ValueError(f"split name {split!r} must match {_NAME_RE.pattern}")
+        return {split: _path_field(path, info) for split, path in roots.items()}
+
+    @model_validator(mode="after")
+    def _kind_matches_rule(self) -> DatasetConfig:
+        is_tar = self.shard_rule.kind == "tar"
+        if (self.input_kind == "webdataset") != is_tar:
+            raise ValueError(
+                "input_kind 'webdataset' goes with shard_rule.kind 'tar' and only with it "
+                f"(got input_kind={self.input_kind!r}, shard_rule.kind={self.shard_rule.kind!r})"
+            )
+        return self
+
+
+class DiscoveryConfig(_Strict):
+    sensor_running: bool
+    sensor_interval_seconds: int = Field(ge=5)
+    refresh_cron: str
+    refresh_running: bool
+
+    @field_validator("refresh_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"a cron string has 5 fields (got {value!r})")
+        return value
+
+
+# ----------------------------------------------------------------------------- models
+
+ModelKind = Literal[
+    "descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript", "aesthetic_mlp", "rotation"
+]
+_NEEDS_FILE = {"sscd_torchscript", "torchscript", "aesthetic_mlp"}
+
+
+class ModelEntry(_Strict):
+    """A model the stages refer to by name. Weights always come from a local file."""
+
+    kind: ModelKind
+    path: str | None = None  # local weights / TorchScript file
+    name: str | None = None  # open_clip or timm architecture name
+    pretrained: str | None = None  # open_clip tag, used only with allow_download: true
+    base_kind: Literal["torchscript", "timm", "open_clip"] | None = None  # for kind: rotation
+    input_size: int | None = Field(default=None, gt=0)
+    resize: Literal["shorter_side", "square"] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    output: Literal["embedding", "logits"] | None = None
+
+    _path = field_validator("path")(_path_field)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ModelEntry:
+        if self.kind in _NEEDS_FILE and not self.path:
+            raise ValueError(f"kind {self.kind!r} needs `path`: the local weights file")
+        if self.kind in ("open_clip", "timm") and not self.name:
+            raise ValueError(f"kind {self.kind!r} needs `name`: the architecture name")
+        if self.kind == "rotation" and not self.base_kind:
+            raise ValueError("kind 'rotation' needs `base_kind`: torchscript, timm or open_clip")
+        return self
+
+
+# ----------------------------------------------------------------------------- stages
+
+Keeper = Literal["quality", "alphabetical", "random"]
+
+
+class SanitizeStage(_Strict):
+    """File and pixel validity checks; defaults match VDC's sanitize_images."""
+
+    min_width: int = Field(ge=1)
+    min_height: int = Field(ge=1)
+    max_width: int = Field(ge=1)
+    max_height: int = Field(ge=1)
+    min_aspect_ratio: float = Field(gt=0)
+    max_aspect_ratio: float = Field(gt=0)
+    max_file_size_mb: float = Field(gt=0)
+    allowed_formats: tuple[str, ...]
+    max_pixels: int = Field(gt=0)
+    too_large_action: Literal["resize", "reject"]
+    file_too_large_action: Literal["recompress", "reject"]
+    recompress_quality: int = Field(ge=1, le=100)
+    workers: int = Field(ge=0)
+    chunk_size: int = Field(ge=1)
+    max_in_flight: int = Field(ge=1)
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = {"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif"}
+        lowered = tuple(v.lower().lstrip(".") for v in value)
+        unknown = sorted(set(lowered) - known)
+        if unknown:
+            raise ValueError(f"unknown formats {unknown}; allowed values: {sorted(known)}")
+        return lowered
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SanitizeStage:
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("min_width/min_height must not exceed max_width/max_height")
+        if self.min_aspect_ratio >= self.max_aspect_ratio:
+            raise ValueError("min_aspect_ratio must be below max_aspect_ratio")
+        return self
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_size_mb * 1024 * 1024)
+
+
+class ExactDedupStage(_Strict):
+    enabled: bool
+    keeper: Keeper
+    seed: int
+
+
+class RotationStage(_Strict):
+    enabled: bool
+    model: str
+    threshold: float = Field(ge=0, le=1)
+
+
+class EmbeddingsStage(_Strict):
+    enabled: bool
+    copy_model: str
+    semantic_model: str
+
+
+class NearDedupStage(_Strict):
+    enabled: bool
+    model: str
+    threshold: float = Field(ge=0, le=2)
+    report_threshold: float = Field(ge=0, le=2)
+    index: Literal["auto", "flat", "ivf", "hnsw", "lsh"]
+    linkage: Literal["representative", "single"]
+    keeper: Keeper
+    seed: int
+
+    @model_validator(mode="after")
+    def _report_covers_threshold(self) -> NearDedupStage:
+        if self.report_threshold < self.threshold:
+            raise ValueError("report_threshold must be at least threshold (pairs are found up to it)")
+        return self
+
+
+class ExampleCategory(_Strict):
+    threshold: float = Field(ge=0, le=2)
+    folder: str | None = None
+
+    _folder = field_validator("folder")(_path_field)
+
+
+class ExampleFiltersStage(_Strict):
+    enabled: bool
+    model: str
+    examples_root: str | None
+    categories: dict[str, ExampleCategory]
+
+    _root = field_validator("examples_root")(_path_field)
+
+    @model_validator(mode="after")
+    def _has_examples(self) -> ExampleFiltersStage:
+        if self.enabled and not self.categories:
+            raise ValueError("enabled example filters need at least one category")
+        if self.enabled and not self.examples_root and any(c.folder is None for c in self.categories.values()):
+            raise ValueError("set examples_root, or a folder for every category")
+        return self
+
+
+class AestheticStage(_Strict):
+    enabled: bool
+    model: str
+    clip_model: str
+    threshold: float = Field(ge=0, le=10)
+
+
+class QualityStage(_Strict):
+    enabled: bool
+    dark_threshold: float = Field(ge=0, le=1)
+    light_threshold: float = Field(ge=0, le=1)
+    low_information_threshold: float = Field(ge=0, le=8)
+    blur_threshold: float = Field(ge=0)
+    grayscale: bool
+
+
+class ClusterLevel(_Strict):
+    n_clusters: int = Field(gt=0)
+    n_samples: int = Field(ge=0)
+
+
+class ClusteringStage(_Strict):
+    enabled: bool
+    model: str
+    levels: tuple[ClusterLevel, ...]
+    n_resamples: int = Field(ge=0)
+    max_iters: int = Field(gt=0)
+    tol: float = Field(ge=0)
+    metric: Literal["cosine", "l2"]
+    seed: int
+
+    @model_validator(mode="after")
+    def _levels(self) -> ClusteringStage:
+        if self.enabled and not self.levels:
+            raise ValueError("enabled clustering needs at least one level")
+        sizes = [level.n_clusters for level in self.levels]
+        if any(a <= b for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"n_clusters must shrink level by level (got {sizes})")
+        return self
+
+
+class SamplingStage(_Strict):
+    enabled: bool
+    budget: int | None = Field(gt=0)
+    strategy: Literal["random", "closest"]
+    multiplier: int = Field(ge=1)
+    seed: int
+
+    @model_validator(mode="after")
+    def _budget(self) -> SamplingStage:
+        if self.enabled and self.budget is None:
+            raise ValueError("enabled sampling needs a budget")
+        return self
+
+
+class Stages(_Strict):
+    sanitize: SanitizeStage
+    exact_dedup: ExactDedupStage
+    rotation: RotationStage
+    embeddings: EmbeddingsStage
+    near_dedup: NearDedupStage
+    example_filters: ExampleFiltersStage
+    aesthetic: AestheticStage
+    quality: QualityStage
+    clustering: ClusteringStage
+    sampling: SamplingStage
+
+
+# Which model kinds each stage's model reference accepts.
+_EMBEDDING_KINDS = frozenset({"descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript"})
+_MODEL_REFS: dict[tuple[str, str], frozenset[str]] = {
+    ("rotation", "model"): frozenset({"rotation"}),
+    ("embeddings", "copy_model"): _EMBEDDING_KINDS,
+    ("embeddings", "semantic_model"): _EMBEDDING_KINDS,
+    ("near_dedup", "model"): _EMBEDDING_KINDS,
+    ("example_filters", "model"): _EMBEDDING_KINDS,
+    ("aesthetic", "model"): frozenset({"aesthetic_mlp"}),
+    ("aesthetic", "clip_model"): frozenset({"open_clip"}),
+    ("clustering", "model"): _EMBEDDING_KINDS,
+}
+
+
+class ProjectConfig(_Strict):
+    name: str
+    description: str
+    allow_download: bool
+    storage_root: str
+    dataset: DatasetConfig
+    discovery: DiscoveryConfig
+    models: dict[str, ModelEntry]
+    stages: Stages
+    source: str | None = None  # the project file it came from (set by the loader)
+
+    _storage = field_validator("storage_root")(_path_field)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"name {value!r} must match {_NAME_RE.pattern} (it prefixes asset keys)")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> ProjectConfig:
+        problems = []
+        for (stage_name, field), kinds in _MODEL_REFS.items():
+            stage = getattr(self.stages, stage_name)
+            if not stage.enabled:
+                continue
+            ref = getattr(stage, field)
+            entry = self.models.get(ref)
+            if entry is None:
+                problems.append(
+                    f"stages.{stage_name}.{field}: model {ref!r} is not defined in models "
+                    f"(defined: {', '.join(sorted(self.models)) or 'none'})"
+                )
+            elif entry.kind not in kinds:
+                problems.append(
+                    f"stages.{stage_name}.{field}: model {ref!r} has kind {entry.kind!r}; "
+                    f"allowed kinds: {', '.join(sorted(kinds))}"
+                )
+        for name, entry in self.models.items():
+            if entry.kind == "open_clip" and not entry.path and not (entry.pretrained and self.allow_download):
+                problems.append(
+                    f"models.{name}.path: kind 'open_clip' needs a local checkpoint `path` "
+                    "(or `pretrained` together with allow_download: true)"
+                )
+        if self.stages.sampling.enabled and not self.stages.clustering.enabled:
+            problems.append("stages.sampling: balanced sampling needs stages.clustering enabled")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def project_storage(self) -> Path:
+        return Path(self.storage_root) / self.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value in ``override`` replaces the base value."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@cache
+def _defaults() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULTS_FILE.read_text())
+
+
+def packaged_defaults() -> dict[str, Any]:
+    """A copy of the packaged defaults (projects/defaults.yaml) as a dict."""
+    return deep_merge({}, _defaults())
+
+
+def _field_model(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | None:
+    """The model class found by walking ``loc`` (field names and dict keys) from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+            if get_origin(current) in (Union, UnionType):  # X | None: the model member
+                current = next((a for a in get_args(current) if a is not type(None)), None)
+        else:  # a dict[str, Model] value or a tuple[Model, ...] item
+            args = [a for a in get_args(current) if a is not Ellipsis]
+            current = args[-1] if args else None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = tuple(part for part in err["loc"] if not str(part).startswith(("function-", "str", "tagged")))
+    path = ".".join(str(p) for p in loc)
+    if not path:  # a cross-key check: its message names the keys itself
+        return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = _field_model(ProjectConfig, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        allowed = allowed.replace(", source", "") if parent is ProjectConfig else allowed
+        return f"{path}: unknown key; allowed keys: {allowed}"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("literal_error", "enum"):
+        return f"{path}: got {err['input']!r}; allowed values: {message.removeprefix('Input should be ')}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    shown = err.get("input")
+    if err["type"].endswith(("_type", "_parsing")) or err["type"].startswith(("greater", "less")):
+        return f"{path}: {message} (got {shown!r})"
+    return f"{path}: {message}"
+
+
+def load_project_dict(
+    data: Mapping[str, Any], *, base_dir: Path | None = None, source: str | None = None
+) -> ProjectConfig:
+    """Merge ``data`` over the packaged defaults and validate it."""
+    if not isinstance(data, Mapping):
+        raise ProjectConfigError(f"{source or 'project'}: the file must hold a mapping of keys")
+    if "source" in data:
+        raise ProjectConfigError(f"{source or 'project'}: source: unknown key")
+    merged = deep_merge(_defaults(), data)
+    merged["source"] = source
+    try:
+        return ProjectConfig.model_validate(merged, context={"base_dir": str(base_dir) if base_dir else None})
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_format_error(e)}" for e in exc.errors())
+        raise ProjectConfigError(f"invalid project file {source or '<dict>'}:\n{lines}") from None
+
+
+def load_project(path: str | os.PathLike[str]) -> ProjectConfig:
+    """Load one project file (YAML)."""
+    file = Path(path).expanduser().resolve()
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except OSError as exc:
+        raise ProjectConfigError(f"cannot read project file {file}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ProjectConfigError(f"project file {file} is not valid YAML: {exc}") from None
+    return load_project_dict(data, base_dir=file.parent, source=str(file))
+
+
+def packaged_project_files() -> list[Path]:
+    return sorted(p for p in PROJECTS_DIR.glob("*.yaml") if p.name != DEFAULTS_FILE.name)
+
+
+def project_files() -> list[Path]:
+    """Packaged project files plus those named by $CURATION_PROJECTS (files or folders)."""
+    files = packaged_project_files()
+    for entry in filter(None, os.environ.get(PROJECTS_ENV, "").split(os.pathsep)):
+        path = Path(entry).expanduser()
+        files.extend(sorted(path.glob("*.y*ml")) if path.is_dir() else [path])
+    return files
+
+
+def load_projects(files: Iterable[Path] | None = None) -> list[ProjectConfig]:
+    """Load every project; two projects with one name is an error (their assets would collide)."""
+    projects = [load_project(f) for f in (project_files() if files is None else files)]
+    seen: dict[str, str | None] = {}
+    for project in projects:
+        if project.name in seen:
+            raise ProjectConfigError(
+                f"project name {project.name!r} is used by both {seen[project.name]} and {project.source}"
+            )
+        seen[project.name] = project.source
+    return projects
+
+
+def find_project(name: str) -> ProjectConfig:
+    for project in load_projects():
+        if project.name == name:
+            return project
+    names = ", ".join(p.name for p in load_projects())
+    raise ProjectConfigError(f"no project named {name!r}; known projects: {names}")

@@ -1,0 +1,133 @@
+"""The store: where every asset's files live, written atomically, read lazily.
+
+Layout: ``<storage_root>/<project>/<asset>/<shard>.parquet`` for per-shard assets
+(``.npy`` beside it for vectors, row-aligned) and ``<storage_root>/<project>/<asset>/<name>``
+for global ones. A write goes to a hidden temporary name in the same folder, is flushed
+to disk and renamed into place, so a crash never leaves half a file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation_assets.config import ProjectConfig
+
+PARQUET = ".parquet"
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it into place only if the body succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # flush data to disk before the rename makes it visible
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ProjectStore:
+    """Paths and atomic IO for one project's outputs (no Dagster needed to use it)."""
+
+    def __init__(self, storage_root: str | os.PathLike[str], project: str):
+        self.root = Path(storage_root) / project
+        self.project = project
+
+    def __repr__(self) -> str:
+        return f"ProjectStore({str(self.root)!r})"
+
+    # -- paths
+    def asset_dir(self, asset: str) -> Path:
+        return self.root / asset
+
+    def shard_path(self, asset: str, shard: str, suffix: str = PARQUET) -> Path:
+        return self.asset_dir(asset) / f"{shard}{suffix}"
+
+    def global_path(self, asset: str, name: str) -> Path:
+        return self.asset_dir(asset) / name
+
+    def shards_written(self, asset: str) -> list[str]:
+        """Shard keys that have a finished parquet file for ``asset``."""
+        folder = self.asset_dir(asset)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name[: -len(PARQUET)] for p in folder.glob(f"*{PARQUET}") if not p.name.startswith("."))
+
+    # -- writes
+    def write_parquet(
+        self, frame: pl.DataFrame | pa.Table, path: Path, metadata: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write a table atomically; ``metadata`` is kept as JSON in the parquet footer."""
+        table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+        if metadata:
+            extra = {f"curation.{k}".encode(): json.dumps(v).encode() for k, v in metadata.items()}
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return path
+
+    def write_npy(self, array: np.ndarray, path: Path) -> Path:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+        return path
+
+    def write_json(self, obj: Any, path: Path) -> Path:
+        return self.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), path)
+
+    def write_text(self, text: str, path: Path) -> Path:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+        return path
+
+    def write_with(self, path: Path, writer: Callable[[Path], None]) -> Path:
+        """Atomic write through any writer that takes a path (plots, HTML, tar files)."""
+        with atomic_path(path) as tmp:
+            writer(tmp)
+        return path
+
+    # -- reads
+    def read_parquet(self, path: Path, columns: list[str] | None = None) -> pl.DataFrame:
+        return pl.read_parquet(path, columns=columns)
+
+    def parquet_metadata(self, path: Path) -> dict[str, Any]:
+        raw = pq.read_schema(path).metadata or {}
+        return {
+            k.decode().removeprefix("curation."): json.loads(v)
+            for k, v in raw.items()
+            if k.startswith(b"curation.")
+        }
+
+    def scan_shards(self, asset: str, shards: list[str] | None = None) -> pl.LazyFrame | None:
+        """All shard files of ``asset`` as one lazy frame (None when nothing is written yet)."""
+        keys = self.shards_written(asset) if shards is None else shards
+        paths = [str(self.shard_path(asset, key)) for key in keys]
+        return pl.scan_parquet(paths) if paths else None
+
+    def read_json(self, path: Path) -> Any:
+        return json.loads(path.read_text())
+
+
+class StoreResource(dg.ConfigurableResource):
+    """Gives assets their project's store. ``storage_root`` overrides every project's
+    ``storage_root`` (for example shared storage when runs execute on other machines)."""
+
+    storage_root: str | None = None
+
+    def for_project(self, project: ProjectConfig) -> ProjectStore:
+        return ProjectStore(self.storage_root or project.storage_root, project.name)

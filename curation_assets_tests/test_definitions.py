@@ -1,0 +1,50 @@
+"""The code location loads, with one graph per project and only the stages switched on."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from curation_assets.assets.project import declared_stages
+from curation_assets.config import load_projects, packaged_project_files
+from curation_assets.definitions import build_definitions, defs
+from curation_assets_tests.conftest import make_project
+
+
+def _keys(definitions: dg.Definitions) -> set[str]:
+    return {k.to_user_string() for k in definitions.resolve_asset_graph().get_all_asset_keys()}
+
+
+def test_definitions_load_with_every_packaged_project():
+    dg.Definitions.validate_loadable(defs)
+    keys = _keys(defs)
+    for project in load_projects(packaged_project_files()):
+        assert {f"{project.name}/image_inventory", f"{project.name}/sanitized_images", f"{project.name}/exact_duplicates"} <= keys
+        assert defs.resolve_job_def(f"{project.name}_shard_job").partitions_def is not None
+        assert defs.resolve_sensor_def(f"{project.name}_discovery_sensor") is not None
+        assert defs.resolve_schedule_def(f"{project.name}_refresh_schedule").cron_schedule == project.discovery.refresh_cron
+
+
+def test_per_shard_assets_are_partitioned_and_global_ones_are_not():
+    graph = defs.resolve_asset_graph()
+    inventory = graph.get(dg.AssetKey(["demo", "image_inventory"]))
+    exact = graph.get(dg.AssetKey(["demo", "exact_duplicates"]))
+    assert isinstance(inventory.partitions_def, dg.DynamicPartitionsDefinition)
+    assert inventory.partitions_def.name == "demo_shards"
+    assert exact.partitions_def is None
+    assert dg.AssetKey(["demo", "sanitized_images"]) in exact.parent_keys
+    assert inventory.group_name == "demo_ingest"
+
+
+def test_a_disabled_stage_is_absent_from_the_graph(tmp_path):
+    project = make_project(tmp_path, str(tmp_path), stages={"exact_dedup": {"enabled": False}})
+    keys = _keys(build_definitions([project]))
+    assert keys == {"testproj/image_inventory", "testproj/sanitized_images"}
+    assert "exact_dedup" not in declared_stages(project)
+
+
+def test_walkthrough_stages_are_declared():
+    projects = {p.name: p for p in load_projects(packaged_project_files())}
+    assert declared_stages(projects["gldv2"]) == [
+        "sanitize", "exact_dedup", "rotation", "embeddings", "near_dedup", "clustering", "sampling"
+    ]
+    assert "example_filters" in declared_stages(projects["tol10m"]) and "rotation" not in declared_stages(projects["tol10m"])

@@ -1,0 +1,99 @@
+"""Discovery: a new shard becomes a partition and only it runs; other shards stay untouched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from curation_assets.assets.project import shard_job_name
+from curation_assets.definitions import build_definitions
+from curation_assets.resources.store import StoreResource
+from curation_assets_tests.conftest import make_project, write_photo
+
+
+def _tick(defs: dg.Definitions, project, instance: dg.DagsterInstance) -> dg.SensorResult:
+    """One sensor evaluation, with its partition additions applied as the daemon would."""
+    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
+    with dg.build_sensor_context(instance=instance, resources={"store": StoreResource()}) as context:
+        result = sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def _run(defs: dg.Definitions, project, instance: dg.DagsterInstance, key: str) -> None:
+    assert defs.resolve_job_def(shard_job_name(project)).execute_in_process(partition_key=key, instance=instance).success
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_new_shard_is_added_and_run_alone(tmp_path: Path):
+    root = tmp_path / "pool"
+    for shard in ("a", "b"):
+        for i in range(3):
+            write_photo(root / shard / f"{i}.jpg", hash((shard, i)) % 1000)
+    project = make_project(tmp_path, str(root))
+    defs = build_definitions([project])
+    instance = dg.DagsterInstance.ephemeral()
+
+    first = _tick(defs, project, instance)
+    assert sorted(r.partition_key for r in first.run_requests) == ["a", "b"]
+    assert set(instance.get_dynamic_partitions("testproj_shards")) == {"a", "b"}
+    for request in first.run_requests:
+        _run(defs, project, instance, request.partition_key)
+    store = StoreResource().for_project(project)
+    before = {asset: _stamps(store.asset_dir(asset)) for asset in ("image_inventory", "sanitized_images")}
+    assert all(set(files) == {"a.parquet", "b.parquet"} for files in before.values())
+
+    quiet = _tick(defs, project, instance)
+    assert not quiet.run_requests and "none new or changed" in quiet.skip_reason.skip_message
+
+    for i in range(2):
+        write_photo(root / "c" / f"{i}.jpg", 500 + i)
+    second = _tick(defs, project, instance)
+    assert [r.partition_key for r in second.run_requests] == ["c"]
+    assert second.run_requests[0].tags["curation/shard_reason"] == "new"
+    assert [list(r.partition_keys) for r in second.dynamic_partitions_requests] == [["c"]]
+    _run(defs, project, instance, "c")
+
+    for asset, files in before.items():
+        after = _stamps(store.asset_dir(asset))
+        assert {name: after[name] for name in files} == files  # same bytes, same mtimes
+        assert "c.parquet" in after
+
+
+def test_changed_shard_is_rerun_and_refresh_waits_for_it(tmp_path: Path):
+    root = tmp_path / "pool"
+    write_photo(root / "a" / "0.jpg", 1)
+    project = make_project(tmp_path, str(root))
+    defs = build_definitions([project])
+    with dg.instance_for_test() as instance:  # schedule contexts need an instance with a ref
+        _rerun_changed_shard(defs, project, instance, root)
+
+
+def _rerun_changed_shard(defs: dg.Definitions, project, instance: dg.DagsterInstance, root: Path) -> None:
+    for request in _tick(defs, project, instance).run_requests:
+        _run(defs, project, instance, request.partition_key)
+
+    schedule = defs.resolve_schedule_def("testproj_refresh_schedule")
+    with dg.build_schedule_context(instance=instance, resources={"store": StoreResource()}) as context:
+        assert isinstance(schedule.evaluate_tick(context).run_requests[0], dg.RunRequest)
+
+    os.utime(root / "a", ns=(1, 1))
+    write_photo(root / "a" / "1.jpg", 2)
+    changed = _tick(defs, project, instance)
+    assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [("a", "changed")]
+    with dg.build_schedule_context(instance=instance, resources={"store": StoreResource()}) as context:
+        data = schedule.evaluate_tick(context)
+    assert not data.run_requests and "still to process" in data.skip_message
+
+
+def test_missing_root_is_a_skip_not_a_crash(tmp_path: Path):
+    project = make_project(tmp_path, str(tmp_path / "not-there"))
+    defs = build_definitions([project])
+    result = _tick(defs, project, dg.DagsterInstance.ephemeral())
+    assert not result.run_requests and "roots not found" in result.skip_reason.skip_message
