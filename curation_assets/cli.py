@@ -1,12 +1,12 @@
 """`curate`: headless use of the same assets and jobs the Dagster UI runs.
 
-    curate demo                      generate the demo data if missing, materialize it, print the funnel
-    curate demo-data --out DIR       generate a demo dataset (images, examples, ground truth)
-    curate materialize --project P   run every stale shard of P, then its global assets
-    curate validate [FILE ...]       validate project files (default: all known projects)
-    curate shards --project P        list the shards discovery finds
-    curate funnel --project P        print the funnel from what is in the store
-    curate init-instance             create $DAGSTER_HOME with our dagster.yaml
+curate demo                      generate the demo data if missing, materialize it, print the funnel
+curate demo-data --out DIR       generate a demo dataset (images, examples, ground truth)
+curate materialize --project P   run every stale shard of P, then its global assets
+curate validate [FILE ...]       validate project files (default: all known projects)
+curate shards --project P        list the shards discovery finds
+curate funnel --project P        print the funnel from what is in the store
+curate init-instance             create $DAGSTER_HOME with our dagster.yaml
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from curation_assets.config import ProjectConfigError, curation_home, find_project, load_project, load_projects
+from curation_assets.config import (
+    ProjectConfigError,
+    curation_home,
+    find_project,
+    load_project,
+    load_projects,
+)
 
 DEMO_PROJECT = "demo"
 
@@ -33,7 +39,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve() if args.out else curation_home() / "demo"
     start = time.perf_counter()
     summary = generate_demo(
-        out, n_images=args.images, n_shards=args.shards, seed=args.seed, layout=args.layout,
+        out,
+        n_images=args.images,
+        n_shards=args.shards,
+        seed=args.seed,
+        layout=args.layout,
         progress=_progress_printer("generating"),
     )
     _print(f"demo data in {summary.out_dir} ({summary.n_files} files, {time.perf_counter() - start:.1f} s)")
@@ -61,7 +71,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images_root = Path(project.dataset.roots["train"])
     start = time.perf_counter()
     summary = generate_demo(
-        images_root.parent, n_images=args.images, n_shards=args.shards, seed=args.seed,
+        images_root.parent,
+        n_images=args.images,
+        n_shards=args.shards,
+        seed=args.seed,
         progress=_progress_printer("generating demo data"),
     )
     _print(f"demo data: {summary.n_files} files in {summary.images_root}")
@@ -69,7 +82,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    project = load_project(args.project) if args.project.endswith((".yaml", ".yml")) else find_project(args.project)
+    project = (
+        load_project(args.project) if args.project.endswith((".yaml", ".yml")) else find_project(args.project)
+    )
     return _materialize(project, shards=args.shard or None, force=args.force, run_global=not args.skip_global)
 
 
@@ -81,13 +96,17 @@ def _materialize(project, shards, force, run_global=True, started: float | None 
     started = started or time.perf_counter()
     instance = init_instance()
     defs = build_definitions([project])
-    summary = materialize_project(project, defs, instance, shards=shards, force=force, run_global=run_global, echo=_print)
+    summary = materialize_project(
+        project, defs, instance, shards=shards, force=force, run_global=run_global, echo=_print
+    )
     funnel = project_funnel(project)
     if funnel is not None:
         _print("")
         _print(format_funnel(funnel, title=f"== {project.name} =="))
-    _print(f"\n{len(summary.shards_run)} shard run(s), {time.perf_counter() - started:.1f} s; "
-           f"outputs in {project.project_storage}; Dagster instance in {instance.root_directory}")
+    _print(
+        f"\n{len(summary.shards_run)} shard run(s), {time.perf_counter() - started:.1f} s; "
+        f"outputs in {project.project_storage}; Dagster instance in {instance.root_directory}"
+    )
     _print("open the Dagster UI on these runs with: make ui")
     if summary.failed:
         _print("FAILED: " + "; ".join(summary.failed))
@@ -138,7 +157,9 @@ def cmd_init_instance(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="curate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate the demo data if missing and materialize everything")

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -263,7 +264,11 @@ class ExampleFiltersStage(_Strict):
     def _has_examples(self) -> ExampleFiltersStage:
         if self.enabled and not self.categories:
             raise ValueError("enabled example filters need at least one category")
-        if self.enabled and not self.examples_root and any(c.folder is None for c in self.categories.values()):
+        if (
+            self.enabled
+            and not self.examples_root
+            and any(c.folder is None for c in self.categories.values())
+        ):
             raise ValueError("set examples_root, or a folder for every category")
         return self
 
@@ -304,7 +309,7 @@ class ClusteringStage(_Strict):
         if self.enabled and not self.levels:
             raise ValueError("enabled clustering needs at least one level")
         sizes = [level.n_clusters for level in self.levels]
-        if any(a <= b for a, b in zip(sizes, sizes[1:], strict=False)):
+        if any(a <= b for a, b in pairwise(sizes)):
             raise ValueError(f"n_clusters must shrink level by level (got {sizes})")
         return self
 
@@ -390,7 +395,11 @@ class ProjectConfig(_Strict):
                     f"allowed kinds: {', '.join(sorted(kinds))}"
                 )
         for name, entry in self.models.items():
-            if entry.kind == "open_clip" and not entry.path and not (entry.pretrained and self.allow_download):
+            if (
+                entry.kind == "open_clip"
+                and not entry.path
+                and not (entry.pretrained and self.allow_download)
+            ):
                 problems.append(
                     f"models.{name}.path: kind 'open_clip' needs a local checkpoint `path` "
                     "(or `pretrained` together with allow_download: true)"

@@ -35,7 +35,10 @@ def write_photo(path: Path, seed: int, size: tuple[int, int] = (160, 120), fmt: 
     low = rng.integers(0, 255, size=(6, 8, 3), dtype=np.uint8)
     image = Image.fromarray(low).resize(size, Image.Resampling.BICUBIC)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt, quality=90) if (fmt or path.suffix.lower()) in ("JPEG", ".jpg") else image.save(path, format=fmt)
+    image.save(path, format=fmt, quality=90) if (fmt or path.suffix.lower()) in (
+        "JPEG",
+        ".jpg",
+    ) else image.save(path, format=fmt)
     return path
 
 

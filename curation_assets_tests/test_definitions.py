@@ -18,10 +18,17 @@ def test_definitions_load_with_every_packaged_project():
     dg.Definitions.validate_loadable(defs)
     keys = _keys(defs)
     for project in load_projects(packaged_project_files()):
-        assert {f"{project.name}/image_inventory", f"{project.name}/sanitized_images", f"{project.name}/exact_duplicates"} <= keys
+        assert {
+            f"{project.name}/image_inventory",
+            f"{project.name}/sanitized_images",
+            f"{project.name}/exact_duplicates",
+        } <= keys
         assert defs.resolve_job_def(f"{project.name}_shard_job").partitions_def is not None
         assert defs.resolve_sensor_def(f"{project.name}_discovery_sensor") is not None
-        assert defs.resolve_schedule_def(f"{project.name}_refresh_schedule").cron_schedule == project.discovery.refresh_cron
+        assert (
+            defs.resolve_schedule_def(f"{project.name}_refresh_schedule").cron_schedule
+            == project.discovery.refresh_cron
+        )
 
 
 def test_per_shard_assets_are_partitioned_and_global_ones_are_not():
@@ -45,6 +52,14 @@ def test_a_disabled_stage_is_absent_from_the_graph(tmp_path):
 def test_walkthrough_stages_are_declared():
     projects = {p.name: p for p in load_projects(packaged_project_files())}
     assert declared_stages(projects["gldv2"]) == [
-        "sanitize", "exact_dedup", "rotation", "embeddings", "near_dedup", "clustering", "sampling"
+        "sanitize",
+        "exact_dedup",
+        "rotation",
+        "embeddings",
+        "near_dedup",
+        "clustering",
+        "sampling",
     ]
-    assert "example_filters" in declared_stages(projects["tol10m"]) and "rotation" not in declared_stages(projects["tol10m"])
+    assert "example_filters" in declared_stages(projects["tol10m"]) and "rotation" not in declared_stages(
+        projects["tol10m"]
+    )

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.xdist_group("demo")
 def demo_run(demo_dataset, tmp_path_factory):
     """The demo project materialized once in an ephemeral instance."""
     store_dir = tmp_path_factory.mktemp("store")
-    project = make_project(store_dir, {"train": str(demo_dataset.images_root)}, stages={"sanitize": {"workers": 2}})
+    project = make_project(
+        store_dir, {"train": str(demo_dataset.images_root)}, stages={"sanitize": {"workers": 2}}
+    )
     defs = build_definitions([project])
     instance = dg.DagsterInstance.ephemeral()
     summary = materialize_project(project, defs, instance, echo=lambda _: None)
@@ -50,9 +52,20 @@ def test_every_planted_defect_has_the_expected_status_and_reasons(demo_run):
         (pl.col("status") != pl.col("expected_status"))
         | (pl.col("reasons").list.sort() != pl.col("expected_reasons").list.sort())
     )
-    assert wrong.is_empty(), wrong.select("image_id", "kind", "transform", "status", "reasons", "expected_reasons").to_dicts()
+    assert wrong.is_empty(), wrong.select(
+        "image_id", "kind", "transform", "status", "reasons", "expected_reasons"
+    ).to_dicts()
     defects = set(truth.filter(pl.col("kind") == "defect")["transform"])
-    assert {"truncated", "zero_byte", "garbage", "png_as_jpg", "cmyk", "bomb", "animated", "sixteen_bit"} <= defects
+    assert {
+        "truncated",
+        "zero_byte",
+        "garbage",
+        "png_as_jpg",
+        "cmyk",
+        "bomb",
+        "animated",
+        "sixteen_bit",
+    } <= defects
 
 
 def test_ok_images_stay_ok(demo_run):
@@ -73,17 +86,25 @@ def test_exact_duplicates_found_across_shards_with_one_keeper(demo_run):
     assert (exact.group_by("group_id").agg(pl.col("is_keeper").sum())["is_keeper"] == 1).all()
     cross_shard = copies.filter(pl.col("shard") != pl.col("source_id").str.split("/").list.first())
     assert len(cross_shard) > 0  # the generator plants copies in other shards, and they are found
-    byte_rows = exact.join(truth.select("image_id", "kind"), on="image_id").filter(pl.col("kind") == "byte_copy")
+    byte_rows = exact.join(truth.select("image_id", "kind"), on="image_id").filter(
+        pl.col("kind") == "byte_copy"
+    )
     assert set(byte_rows["match"]) <= {"byte", "keeper"}
     # nothing else is grouped: no near-duplicate or distinct base is called an exact copy
     planted_groups = set(truth.filter(pl.col("kind").is_in(["byte_copy", "pixel_copy"]))["source_id"])
-    grouped_bases = set(exact.join(truth.select("image_id", "kind"), on="image_id").filter(pl.col("kind") == "base")["image_id"])
+    grouped_bases = set(
+        exact.join(truth.select("image_id", "kind"), on="image_id").filter(pl.col("kind") == "base")[
+            "image_id"
+        ]
+    )
     assert grouped_bases <= planted_groups
 
 
 def test_rerun_skips_up_to_date_shards(demo_run):
     _, _, _, _, instance, project = demo_run
-    summary = materialize_project(project, build_definitions([project]), instance, run_global=False, echo=lambda _: None)
+    summary = materialize_project(
+        project, build_definitions([project]), instance, run_global=False, echo=lambda _: None
+    )
     assert summary.shards_run == [] and len(summary.shards_skipped) == 3
 
 

@@ -24,7 +24,11 @@ def _tick(defs: dg.Definitions, project, instance: dg.DagsterInstance) -> dg.Sen
 
 
 def _run(defs: dg.Definitions, project, instance: dg.DagsterInstance, key: str) -> None:
-    assert defs.resolve_job_def(shard_job_name(project)).execute_in_process(partition_key=key, instance=instance).success
+    assert (
+        defs.resolve_job_def(shard_job_name(project))
+        .execute_in_process(partition_key=key, instance=instance)
+        .success
+    )
 
 
 def _stamps(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -86,7 +90,9 @@ def _rerun_changed_shard(defs: dg.Definitions, project, instance: dg.DagsterInst
     os.utime(root / "a", ns=(1, 1))
     write_photo(root / "a" / "1.jpg", 2)
     changed = _tick(defs, project, instance)
-    assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [("a", "changed")]
+    assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [
+        ("a", "changed")
+    ]
     with dg.build_schedule_context(instance=instance, resources={"store": StoreResource()}) as context:
         data = schedule.evaluate_tick(context)
     assert not data.run_requests and "still to process" in data.skip_message

@@ -18,10 +18,17 @@ def test_subfolder_rule_with_root_files_and_splits(tmp_path: Path):
     write_photo(tmp_path / "train" / "fish" / "deep" / "b.jpg", 2)
     write_photo(tmp_path / "train" / "loose.jpg", 3)
     write_photo(tmp_path / "val" / "birds" / "c.jpg", 4)
-    project = make_project(tmp_path, {"train": str(tmp_path / "train"), "val": str(tmp_path / "val"),
-                                      "test": str(tmp_path / "missing")})
+    project = make_project(
+        tmp_path,
+        {"train": str(tmp_path / "train"), "val": str(tmp_path / "val"), "test": str(tmp_path / "missing")},
+    )
     found = discover_shards(project.dataset)
-    assert [s.key for s in found.shards] == [f"train.{ROOT_FILES_SHARD}", "train.birds", "train.fish", "val.birds"]
+    assert [s.key for s in found.shards] == [
+        f"train.{ROOT_FILES_SHARD}",
+        "train.birds",
+        "train.fish",
+        "val.birds",
+    ]
     assert found.missing_roots == [str(tmp_path / "missing")]
     fish = next(s for s in found.shards if s.key == "train.fish")
     assert [f.image_id for f in list_shard_files(fish)] == ["train.fish/deep/b.jpg"]
@@ -36,6 +43,7 @@ def test_fingerprint_changes_when_files_are_added(tmp_path: Path):
     before = shard.fingerprint()
     assert shard.fingerprint() == before
     import os
+
     os.utime(tmp_path / "s", ns=(1, 1))  # make sure the next change moves the stamp
     write_photo(tmp_path / "s" / "b.jpg", 2)
     assert shard.fingerprint() != before
@@ -47,7 +55,11 @@ def test_chunks_are_frozen_once_created(tmp_path: Path):
         write_photo(root / f"img_{i:03d}.jpg", i)
     project = make_project(tmp_path, str(root), dataset={"shard_rule": {"kind": "chunks", "chunk_size": 2}})
     first = discover_shards(project.dataset)
-    assert {k: len(v) for k, v in first.new_chunk_manifests.items()} == {"chunk-000000": 2, "chunk-000001": 2, "chunk-000002": 1}
+    assert {k: len(v) for k, v in first.new_chunk_manifests.items()} == {
+        "chunk-000000": 2,
+        "chunk-000001": 2,
+        "chunk-000002": 1,
+    }
     # a file that sorts FIRST arrives later: old chunks keep their members, it forms a new chunk
     write_photo(root / "aaa_new.jpg", 9)
     second = discover_shards(project.dataset, first.new_chunk_manifests)
@@ -69,7 +81,9 @@ def _tar_with(path: Path, members: dict[str, bytes]) -> None:
 def test_tar_shards_are_read_in_place(tmp_path: Path):
     jpeg = write_photo(tmp_path / "x.jpg", 5).read_bytes()
     _tar_with(tmp_path / "wds" / "part-000.tar", {"0001.jpg": jpeg, "0001.json": b'{"caption": "x"}'})
-    project = make_project(tmp_path, str(tmp_path / "wds"), dataset={"input_kind": "webdataset", "shard_rule": {"kind": "tar"}})
+    project = make_project(
+        tmp_path, str(tmp_path / "wds"), dataset={"input_kind": "webdataset", "shard_rule": {"kind": "tar"}}
+    )
     (shard,) = discover_shards(project.dataset).shards
     assert shard.key == "part-000"
     table = build_inventory(shard, list_shard_files(shard))
@@ -89,7 +103,9 @@ def test_damaged_tar_keeps_readable_members_and_says_where_it_broke(tmp_path: Pa
     with tarfile.open(tar) as archive:
         cut = archive.getmember("b.jpg").offset_data + 100
     tar.write_bytes(tar.read_bytes()[:cut])  # a partial download: cut inside b.jpg's data
-    project = make_project(tmp_path, str(tmp_path / "wds"), dataset={"input_kind": "webdataset", "shard_rule": {"kind": "tar"}})
+    project = make_project(
+        tmp_path, str(tmp_path / "wds"), dataset={"input_kind": "webdataset", "shard_rule": {"kind": "tar"}}
+    )
     (shard,) = discover_shards(project.dataset).shards
     table = build_inventory(shard, list_shard_files(shard))
     notes = dict(zip(table["rel_path"], table["note"], strict=True))

@@ -49,7 +49,9 @@ def test_failed_overwrite_keeps_the_previous_file(tmp_path: Path):
 
 def test_round_trips_and_metadata(tmp_path: Path):
     store = ProjectStore(tmp_path, "p")
-    path = store.write_parquet(pl.DataFrame({"x": [1, 2]}), store.shard_path("a", "k1"), metadata={"fingerprint": "dir:1"})
+    path = store.write_parquet(
+        pl.DataFrame({"x": [1, 2]}), store.shard_path("a", "k1"), metadata={"fingerprint": "dir:1"}
+    )
     store.write_parquet(pl.DataFrame({"x": [3]}), store.shard_path("a", "k2"))
     assert path == tmp_path / "p" / "a" / "k1.parquet"
     assert store.parquet_metadata(path) == {"fingerprint": "dir:1"}

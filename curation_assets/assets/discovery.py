@@ -96,7 +96,9 @@ def build_discovery_sensor(
         job=shard_job,
         minimum_interval_seconds=project.discovery.sensor_interval_seconds,
         default_status=(
-            dg.DefaultSensorStatus.RUNNING if project.discovery.sensor_running else dg.DefaultSensorStatus.STOPPED
+            dg.DefaultSensorStatus.RUNNING
+            if project.discovery.sensor_running
+            else dg.DefaultSensorStatus.STOPPED
         ),
         description=f"Scans {project.name}'s roots; adds new shards as partitions and runs only those.",
     )
@@ -104,14 +106,20 @@ def build_discovery_sensor(
         project_store = store.for_project(project)
         pending = pending_shards(project, project_store, context.instance, persist_new_chunks=True)
         if pending.found.missing_roots and not pending.found.shards:
-            return dg.SensorResult(skip_reason=f"dataset roots not found: {', '.join(pending.found.missing_roots)}")
+            return dg.SensorResult(
+                skip_reason=f"dataset roots not found: {', '.join(pending.found.missing_roots)}"
+            )
         requests = [
             dg.RunRequest(
                 partition_key=shard.key,
                 run_key=f"{shard.key}:{shard.fingerprint(project.dataset.follow_symlinks)}",
                 tags={"curation/shard_reason": reason},
             )
-            for reason, shards in (("new", pending.new), ("changed", pending.changed), ("unprocessed", pending.unprocessed))
+            for reason, shards in (
+                ("new", pending.new),
+                ("changed", pending.changed),
+                ("unprocessed", pending.unprocessed),
+            )
             for shard in shards
         ]
         if not requests:
@@ -134,12 +142,16 @@ def build_refresh_schedule(project: ProjectConfig, global_job: AssetJob) -> dg.S
         cron_schedule=project.discovery.refresh_cron,
         job=global_job,
         default_status=(
-            dg.DefaultScheduleStatus.RUNNING if project.discovery.refresh_running else dg.DefaultScheduleStatus.STOPPED
+            dg.DefaultScheduleStatus.RUNNING
+            if project.discovery.refresh_running
+            else dg.DefaultScheduleStatus.STOPPED
         ),
         description=f"Re-scans {project.name}'s roots and refreshes its global assets (dedup groups, ...).",
     )
     def refresh_schedule(context: dg.ScheduleEvaluationContext, store: StoreResource):
-        pending = pending_shards(project, store.for_project(project), context.instance, persist_new_chunks=False)
+        pending = pending_shards(
+            project, store.for_project(project), context.instance, persist_new_chunks=False
+        )
         if pending.to_run:
             names = ", ".join(s.key for s in pending.to_run[:10])
             return dg.SkipReason(

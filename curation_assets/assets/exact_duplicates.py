@@ -15,7 +15,9 @@ EXACT = "exact_duplicates"
 CHECK_ONE_KEEPER = "one_keeper_per_group"
 
 
-def processed_shards(context: dg.AssetExecutionContext, project: ProjectConfig, store: ProjectStore, asset: str) -> list[str]:
+def processed_shards(
+    context: dg.AssetExecutionContext, project: ProjectConfig, store: ProjectStore, asset: str
+) -> list[str]:
     """Shards that are partitions now and have ``asset`` written; warns about the others.
 
     Only current partitions count, so a shard deleted from the instance stops contributing
@@ -41,8 +43,12 @@ def build_exact_duplicates_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "dedup"),
         kinds={"parquet", "polars"},
         check_specs=[
-            dg.AssetCheckSpec(CHECK_ONE_KEEPER, asset=key, blocking=True,
-                              description="Every duplicate group has exactly one keeper."),
+            dg.AssetCheckSpec(
+                CHECK_ONE_KEEPER,
+                asset=key,
+                blocking=True,
+                description="Every duplicate group has exactly one keeper.",
+            ),
         ],
         description=(
             "Groups of identical images across all shards: same upright RGB pixels (sanitize's pixel hash); "
@@ -53,15 +59,33 @@ def build_exact_duplicates_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     def exact_duplicates(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         project_store = store.for_project(project)
         shards = processed_shards(context, project, project_store, SANITIZED)
-        columns = ["image_id", "content_hash", "pixel_hash", "status", "width", "height", "size_bytes", "n_findings"]
+        columns = [
+            "image_id",
+            "content_hash",
+            "pixel_hash",
+            "status",
+            "width",
+            "height",
+            "size_bytes",
+            "n_findings",
+        ]
         scan = project_store.scan_shards(SANITIZED, shards)
-        candidates = scan.select(columns) if scan is not None else pl.LazyFrame(schema={c: pl.String for c in columns})
+        candidates = (
+            scan.select(columns) if scan is not None else pl.LazyFrame(schema={c: pl.String for c in columns})
+        )
         groups = find_exact_duplicates(candidates, stage.keeper, stage.seed)
-        path = project_store.write_parquet(groups, project_store.global_path(EXACT, f"{EXACT}.parquet"),
-                                           metadata={"keeper": stage.keeper, "shards": shards})
+        path = project_store.write_parquet(
+            groups,
+            project_store.global_path(EXACT, f"{EXACT}.parquet"),
+            metadata={"keeper": stage.keeper, "shards": shards},
+        )
         keepers_per_group = groups.group_by("group_id").agg(pl.col("is_keeper").sum())
         bad_groups = keepers_per_group.filter(pl.col("is_keeper") != 1)
-        examples = groups.filter(pl.col("group_size") == pl.col("group_size").max()).head(6) if len(groups) else groups
+        examples = (
+            groups.filter(pl.col("group_size") == pl.col("group_size").max()).head(6)
+            if len(groups)
+            else groups
+        )
         return dg.MaterializeResult(
             metadata={
                 **summarize(groups),
@@ -75,7 +99,10 @@ def build_exact_duplicates_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 dg.AssetCheckResult(
                     check_name=CHECK_ONE_KEEPER,
                     passed=bad_groups.is_empty(),
-                    metadata={"groups": len(keepers_per_group), "groups_without_exactly_one_keeper": len(bad_groups)},
+                    metadata={
+                        "groups": len(keepers_per_group),
+                        "groups_without_exactly_one_keeper": len(bad_groups),
+                    },
                 )
             ],
         )

@@ -19,7 +19,8 @@ def build_inventory_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
         kinds={"parquet"},
         description=(
             "Every file of the shard: image_id, path, size, mtime, content hash (xxh3-128), extension and "
-            "real format by magic bytes. Non-image and unreadable files are listed with a note, never skipped."
+            "real format by magic bytes. Non-image and unreadable files are listed with a note, "
+            "never skipped."
         ),
     )
     def image_inventory(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
@@ -33,7 +34,9 @@ def build_inventory_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
         files_per_s = rate.finish(len(table))
         path = project_store.shard_path(INVENTORY, shard.key)
         project_store.write_parquet(
-            table, path, metadata={FINGERPRINT_KEY: fingerprint, "shard_kind": shard.kind, "location": shard.location}
+            table,
+            path,
+            metadata={FINGERPRINT_KEY: fingerprint, "shard_kind": shard.kind, "location": shard.location},
         )
         formats = (
             table.group_by(pl.col("detected_format").fill_null("-"), "is_image")

@@ -48,13 +48,15 @@ def sanitize_shard(inventory: pl.DataFrame, project: ProjectConfig, progress=Non
     candidates = inventory.filter(pl.col("is_image"))
     items = [
         SanitizeItem(row["image_id"], row["source_path"], row["offset"], row["size_bytes"], row["rel_path"])
-        for row in candidates.select("image_id", "source_path", "offset", "size_bytes", "rel_path").iter_rows(named=True)
+        for row in candidates.select("image_id", "source_path", "offset", "size_bytes", "rel_path").iter_rows(
+            named=True
+        )
     ]
     checked = {row["image_id"]: row for row in sanitize_items(items, rules, progress)}
     rows = []
-    for row in inventory.select("image_id", "shard", "rel_path", "content_hash", "size_bytes", "is_image", "note").iter_rows(
-        named=True
-    ):
+    for row in inventory.select(
+        "image_id", "shard", "rel_path", "content_hash", "size_bytes", "is_image", "note"
+    ).iter_rows(named=True):
         found = checked[row["image_id"]] if row["is_image"] else _rejected_by_inventory(row["note"])
         merged = {key: found.get(key) for key in SANITIZED_SCHEMA}
         merged.update({k: row[k] for k in ("image_id", "shard", "rel_path", "content_hash", "size_bytes")})
@@ -63,7 +65,9 @@ def sanitize_shard(inventory: pl.DataFrame, project: ProjectConfig, progress=Non
     return pl.DataFrame(rows, schema=SANITIZED_SCHEMA) if rows else pl.DataFrame(schema=SANITIZED_SCHEMA)
 
 
-def sanitize_checks(inventory: pl.DataFrame, table: pl.DataFrame, key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+def sanitize_checks(
+    inventory: pl.DataFrame, table: pl.DataFrame, key: dg.AssetKey
+) -> list[dg.AssetCheckResult]:
     """Invariants: the same ids as the inventory, and no rejection without a reason."""
     missing = set(inventory["image_id"]) - set(table["image_id"])
     unexplained = table.filter((pl.col("status") == Status.REJECTED) & (pl.col("n_findings") == 0))
@@ -72,7 +76,11 @@ def sanitize_checks(inventory: pl.DataFrame, table: pl.DataFrame, key: dg.AssetK
             asset_key=key,
             check_name=CHECK_ROWS_MATCH,
             passed=len(inventory) == len(table) and not missing and table["image_id"].is_unique().all(),
-            metadata={"inventory_rows": len(inventory), "sanitized_rows": len(table), "missing": len(missing)},
+            metadata={
+                "inventory_rows": len(inventory),
+                "sanitized_rows": len(table),
+                "missing": len(missing),
+            },
         ),
         dg.AssetCheckResult(
             asset_key=key,
@@ -94,14 +102,23 @@ def build_sanitize_asset(project: ProjectConfig, partitions: dg.PartitionsDefini
         group_name=group_name(project, "sanitize"),
         kinds={"parquet", "pillow"},
         check_specs=[
-            dg.AssetCheckSpec(CHECK_ROWS_MATCH, asset=key, blocking=True,
-                              description="One sanitize row per inventoried file, no id twice."),
-            dg.AssetCheckSpec(CHECK_REJECTS_EXPLAINED, asset=key, blocking=True,
-                              description="Every rejected file names at least one reason."),
+            dg.AssetCheckSpec(
+                CHECK_ROWS_MATCH,
+                asset=key,
+                blocking=True,
+                description="One sanitize row per inventoried file, no id twice.",
+            ),
+            dg.AssetCheckSpec(
+                CHECK_REJECTS_EXPLAINED,
+                asset=key,
+                blocking=True,
+                description="Every rejected file names at least one reason.",
+            ),
         ],
         description=(
-            "Full decode and named checks per file: status ok / fixable / rejected, the reasons, and the fixes "
-            "export applies (EXIF orientation, RGB conversion, first frame, resize, re-encode, rename). "
+            "Full decode and named checks per file: status ok / fixable / rejected, the reasons, and the "
+            "fixes export applies (EXIF orientation, RGB conversion, first frame, resize, re-encode, "
+            "rename). "
             "Thresholds: stages.sanitize in the project file."
         ),
     )
@@ -109,14 +126,21 @@ def build_sanitize_asset(project: ProjectConfig, partitions: dg.PartitionsDefini
         shard = context.partition_key
         inventory = read_inventory(store, project, shard)
         rate = RateLogger(context.log, f"sanitize {shard}")
-        table = sanitize_shard(inventory, project, progress=lambda done, total, per_s: rate(done, total, per_s))
+        table = sanitize_shard(
+            inventory, project, progress=lambda done, total, per_s: rate(done, total, per_s)
+        )
         images_per_s = rate.finish(int(inventory["is_image"].sum()))
         path = store.for_project(project).write_parquet(
-            table, store.for_project(project).shard_path(SANITIZED, shard), metadata={"rules": rules.model_dump(mode="json")}
+            table,
+            store.for_project(project).shard_path(SANITIZED, shard),
+            metadata={"rules": rules.model_dump(mode="json")},
         )
         by_reason = (
-            table.explode("reasons").drop_nulls("reasons")
-            .group_by("reasons", "status").len().sort("len", descending=True)
+            table.explode("reasons")
+            .drop_nulls("reasons")
+            .group_by("reasons", "status")
+            .len()
+            .sort("len", descending=True)
             .rename({"reasons": "reason", "len": "files"})
         )
         counts = dict(table.group_by("status").len().iter_rows())

@@ -22,7 +22,9 @@ EXACT_DUPLICATES_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def find_exact_duplicates(candidates: pl.LazyFrame | pl.DataFrame, policy: KeeperPolicy, seed: int = 0) -> pl.DataFrame:
+def find_exact_duplicates(
+    candidates: pl.LazyFrame | pl.DataFrame, policy: KeeperPolicy, seed: int = 0
+) -> pl.DataFrame:
     """Groups of identical images among ``candidates``.
 
     ``candidates`` needs image_id, content_hash, pixel_hash, status, width, height,
@@ -38,8 +40,10 @@ def find_exact_duplicates(candidates: pl.LazyFrame | pl.DataFrame, policy: Keepe
     if members.is_empty():
         return pl.DataFrame(schema=EXACT_DUPLICATES_SCHEMA)
     ordered = order_for_keeping(members, policy, seed)
-    keepers = ordered.group_by("pixel_hash", maintain_order=True).first().select(
-        "pixel_hash", keeper_id=pl.col("image_id"), keeper_hash=pl.col("content_hash")
+    keepers = (
+        ordered.group_by("pixel_hash", maintain_order=True)
+        .first()
+        .select("pixel_hash", keeper_id=pl.col("image_id"), keeper_hash=pl.col("content_hash"))
     )
     why_kept = f"kept: {KEEPER_EXPLANATION[policy]}"
     return (
@@ -50,13 +54,17 @@ def find_exact_duplicates(candidates: pl.LazyFrame | pl.DataFrame, policy: Keepe
             group_size=pl.len().over("pixel_hash").cast(pl.Int64),
         )
         .with_columns(
-            match=pl.when(pl.col("is_keeper")).then(pl.lit("keeper"))
-            .when(pl.col("content_hash") == pl.col("keeper_hash")).then(pl.lit("byte"))
+            match=pl.when(pl.col("is_keeper"))
+            .then(pl.lit("keeper"))
+            .when(pl.col("content_hash") == pl.col("keeper_hash"))
+            .then(pl.lit("byte"))
             .otherwise(pl.lit("pixel")),
         )
         .with_columns(
-            reason=pl.when(pl.col("is_keeper")).then(pl.lit(why_kept))
-            .when(pl.col("match") == "byte").then(pl.concat_str(pl.lit("byte copy of "), pl.col("keeper_id")))
+            reason=pl.when(pl.col("is_keeper"))
+            .then(pl.lit(why_kept))
+            .when(pl.col("match") == "byte")
+            .then(pl.concat_str(pl.lit("byte copy of "), pl.col("keeper_id")))
             .otherwise(pl.concat_str(pl.lit("same pixels as "), pl.col("keeper_id")))
         )
         .select(list(EXACT_DUPLICATES_SCHEMA))

@@ -99,6 +99,4 @@ def build_inventory(
         rows.append(inventory_row(shard, file))
         if progress and count % progress_every == 0:
             progress(count, count / max(time.perf_counter() - start, 1e-9))
-    return pl.DataFrame(rows, schema=INVENTORY_SCHEMA) if rows else pl.DataFrame(
-        schema=INVENTORY_SCHEMA
-    )
+    return pl.DataFrame(rows, schema=INVENTORY_SCHEMA) if rows else pl.DataFrame(schema=INVENTORY_SCHEMA)

@@ -135,14 +135,23 @@ def discover_shards(
             shards.extend(_subfolder_shards(split, root_path, several))
         elif rule == "tar":
             shards.extend(
-                Shard(_prefix(split, str(p.relative_to(root_path))[: -len(".tar")], several), split, root,
-                      "tar", str(p))
+                Shard(
+                    _prefix(split, str(p.relative_to(root_path))[: -len(".tar")], several),
+                    split,
+                    root,
+                    "tar",
+                    str(p),
+                )
                 for p in _walk_files(root_path, dataset.follow_symlinks)
                 if p.suffix == ".tar"
             )
         else:
             found, manifests = _chunk_shards(
-                split, root_path, several, dataset.shard_rule.chunk_size, dataset.follow_symlinks,
+                split,
+                root_path,
+                several,
+                dataset.shard_rule.chunk_size,
+                dataset.follow_symlinks,
                 chunk_manifests or {},
             )
             shards.extend(found)
@@ -157,11 +166,15 @@ def _subfolder_shards(split: str, root: Path, several: bool) -> list[Shard]:
     with os.scandir(root) as entries:
         for entry in entries:
             if entry.is_dir():
-                shards.append(Shard(_prefix(split, entry.name, several), split, str(root), "folder", entry.path))
+                shards.append(
+                    Shard(_prefix(split, entry.name, several), split, str(root), "folder", entry.path)
+                )
             else:
                 has_root_files = True
     if has_root_files:
-        shards.append(Shard(_prefix(split, ROOT_FILES_SHARD, several), split, str(root), "root_files", str(root)))
+        shards.append(
+            Shard(_prefix(split, ROOT_FILES_SHARD, several), split, str(root), "root_files", str(root))
+        )
     return shards
 
 
@@ -178,7 +191,8 @@ def _chunk_shards(
     assigned = {member for members in mine.values() for member in members}
     shards = [Shard(k, split, str(root), "chunk", str(root), tuple(v)) for k, v in sorted(mine.items())]
     fresh = [
-        str(p.relative_to(root)) for p in _walk_files(root, follow_symlinks)
+        str(p.relative_to(root))
+        for p in _walk_files(root, follow_symlinks)
         if str(p.relative_to(root)) not in assigned
     ]
     fresh.sort()
@@ -196,7 +210,9 @@ def _refuse_collisions(shards: list[Shard]) -> None:
     seen: dict[str, Shard] = {}
     for shard in shards:
         if shard.key in seen:
-            raise ValueError(f"two shards map to the key {shard.key!r}: {seen[shard.key].location} and {shard.location}")
+            raise ValueError(
+                f"two shards map to the key {shard.key!r}: {seen[shard.key].location} and {shard.location}"
+            )
         seen[shard.key] = shard
 
 
@@ -204,8 +220,8 @@ def shard_for_key(discovery: Discovery, key: str) -> Shard:
     for shard in discovery.shards:
         if shard.key == key:
             return shard
-    known = ", ".join(s.key for s in discovery.shards[:20])
-    raise KeyError(f"shard {key!r} is not in the dataset any more (found: {known}{'...' if len(discovery.shards) > 20 else ''})")
+    known = ", ".join(s.key for s in discovery.shards[:20]) + ("..." if len(discovery.shards) > 20 else "")
+    raise KeyError(f"shard {key!r} is not in the dataset any more (found: {known})")
 
 
 def list_shard_files(shard: Shard, follow_symlinks: bool = False) -> Iterator[ShardFile]:
@@ -228,7 +244,9 @@ def list_shard_files(shard: Shard, follow_symlinks: bool = False) -> Iterator[Sh
             stat = path.stat()
             yield ShardFile(f"{shard.key}/{rel}", rel, str(path), None, stat.st_size, stat.st_mtime)
         except OSError as exc:
-            yield ShardFile(f"{shard.key}/{rel}", rel, str(path), None, 0, 0.0, f"{type(exc).__name__}: {exc}")
+            yield ShardFile(
+                f"{shard.key}/{rel}", rel, str(path), None, 0, 0.0, f"{type(exc).__name__}: {exc}"
+            )
 
 
 def _tar_members(path: str) -> tuple[list[tarfile.TarInfo], str | None]:
@@ -250,11 +268,27 @@ def _tar_files(shard: Shard) -> Iterator[ShardFile]:
             continue
         image_id = f"{shard.key}/{member.name}"
         if not member.isfile():
-            yield ShardFile(image_id, member.name, shard.location, None, 0, float(member.mtime),
-                            "tar member is a link or device, not a regular file")
+            yield ShardFile(
+                image_id,
+                member.name,
+                shard.location,
+                None,
+                0,
+                float(member.mtime),
+                "tar member is a link or device, not a regular file",
+            )
             continue
-        yield ShardFile(image_id, member.name, shard.location, member.offset_data, member.size, float(member.mtime))
+        yield ShardFile(
+            image_id, member.name, shard.location, member.offset_data, member.size, float(member.mtime)
+        )
     if error is not None:  # a damaged tar: keep what was readable and say where it broke
         last = members[-1].name if members else "the start"
-        yield ShardFile(f"{shard.key}/{TAR_DAMAGE_MEMBER}", TAR_DAMAGE_MEMBER, shard.location, None, 0, 0.0,
-                        f"tar is damaged after {last}: {error}")
+        yield ShardFile(
+            f"{shard.key}/{TAR_DAMAGE_MEMBER}",
+            TAR_DAMAGE_MEMBER,
+            shard.location,
+            None,
+            0,
+            0.0,
+            f"tar is damaged after {last}: {error}",
+        )

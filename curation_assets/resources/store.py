@@ -36,7 +36,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:  # flush data to disk before the rename makes it visible
             os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -66,7 +66,9 @@ class ProjectStore:
         folder = self.asset_dir(asset)
         if not folder.is_dir():
             return []
-        return sorted(p.name[: -len(PARQUET)] for p in folder.glob(f"*{PARQUET}") if not p.name.startswith("."))
+        return sorted(
+            p.name[: -len(PARQUET)] for p in folder.glob(f"*{PARQUET}") if not p.name.startswith(".")
+        )
 
     # -- writes
     def write_parquet(
@@ -82,9 +84,8 @@ class ProjectStore:
         return path
 
     def write_npy(self, array: np.ndarray, path: Path) -> Path:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, array)
         return path
 
     def write_json(self, obj: Any, path: Path) -> Path:
