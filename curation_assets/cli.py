@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate the demo data if missing and materialize everything")
-    demo.add_argument("--images", type=int, default=2000)
+    demo.add_argument("--images", type=int, default=3000)
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="re-run shards that are up to date")

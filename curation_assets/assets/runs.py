@@ -25,6 +25,8 @@ from curation_assets.resources.store import ProjectStore, StoreResource
 
 INSTANCE_TEMPLATE = Path(__file__).resolve().parent.parent / "instance" / "dagster.yaml"
 GPU_POOL = "gpu"
+# Headless runs print INFO and above (progress with rates); Dagster's step events are DEBUG.
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def dagster_home() -> Path:
@@ -96,7 +98,11 @@ def materialize_project(
             continue
         echo(f"[{index}/{len(wanted)}] shard {key}")
         result = shard_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, tags={"curation/trigger": "cli"}
+            partition_key=key,
+            instance=instance,
+            raise_on_error=False,
+            tags={"curation/trigger": "cli"},
+            run_config=QUIET_CONSOLE,
         )
         summary.shards_run.append(key)
         if not result.success:
@@ -106,7 +112,10 @@ def materialize_project(
     if run_global and global_job_name(project) in {job.name for job in defs.resolve_all_job_defs()}:
         echo("global assets")
         result = defs.resolve_job_def(global_job_name(project)).execute_in_process(
-            instance=instance, raise_on_error=False, tags={"curation/trigger": "cli"}
+            instance=instance,
+            raise_on_error=False,
+            tags={"curation/trigger": "cli"},
+            run_config=QUIET_CONSOLE,
         )
         if not result.success:
             summary.failed.append(f"global job (run {result.run_id})")
