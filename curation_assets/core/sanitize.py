@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import xxhash
 from PIL import Image, ImageFile
@@ -98,35 +98,6 @@ def row_schema() -> dict[str, Any]:
     }
 
 
-class SanitizeRules(Protocol):
-    """What the checks read from the project's ``stages.sanitize`` (a SanitizeStage fits)."""
-
-    @property
-    def min_width(self) -> int: ...
-    @property
-    def min_height(self) -> int: ...
-    @property
-    def max_width(self) -> int: ...
-    @property
-    def max_height(self) -> int: ...
-    @property
-    def min_aspect_ratio(self) -> float: ...
-    @property
-    def max_aspect_ratio(self) -> float: ...
-    @property
-    def max_file_bytes(self) -> int: ...
-    @property
-    def allowed_formats(self) -> tuple[str, ...]: ...
-    @property
-    def max_pixels(self) -> int: ...
-    @property
-    def too_large_action(self) -> str: ...
-    @property
-    def file_too_large_action(self) -> str: ...
-    @property
-    def recompress_quality(self) -> int: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _Rules:
     """A plain copy of the rules that workers receive (unpickling it imports no pydantic)."""
@@ -146,7 +117,7 @@ class _Rules:
     allowed_real: frozenset[str] = field(default=frozenset())
 
 
-def _plain_rules(rules: SanitizeRules) -> _Rules:
+def _plain_rules(rules: SanitizeStage | _Rules) -> _Rules:
     if isinstance(rules, _Rules):
         return rules
     return _Rules(
@@ -224,7 +195,7 @@ class Check:
     gate: bool = False  # a rejecting finding ends the row
     doc: str = ""
 
-    def defaults(self, rules: SanitizeRules) -> dict[str, Any]:
+    def defaults(self, rules: SanitizeStage | _Rules) -> dict[str, Any]:
         return {param: getattr(rules, param) for param in self.params}
 
 
@@ -604,7 +575,7 @@ def _row(subject: Subject, findings: list[Finding], hashed: str | None) -> dict[
     }
 
 
-def check_image(data: bytes, name: str, rules: SanitizeStage | SanitizeRules) -> dict[str, Any]:
+def check_image(data: bytes, name: str, rules: SanitizeStage) -> dict[str, Any]:
     """One row of the sanitize table for a file's bytes (see :data:`ROW_COLUMNS`).
 
     ``name`` is the file or tar-member name; only its extension is used. Never raises:
@@ -735,7 +706,7 @@ Chunk = tuple[int, tuple[SanitizeItem, ...]]  # (index of the first item, items)
 
 def sanitize_items(
     items: Sequence[SanitizeItem],
-    rules: SanitizeStage | SanitizeRules,
+    rules: SanitizeStage,
     progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """check_image over many files, in ``rules.workers`` processes; rows in the order of ``items``.
