@@ -11,6 +11,7 @@ import dagster as dg
 
 from curation_assets.assets.project import build_project_definitions
 from curation_assets.config import ProjectConfig, load_projects
+from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import StoreResource
 
 
@@ -18,7 +19,9 @@ def build_definitions(projects: list[ProjectConfig] | None = None) -> dg.Definit
     """Definitions for ``projects`` (default: every project file found)."""
     projects = load_projects() if projects is None else projects
     per_project = [build_project_definitions(project) for project in projects]
-    return dg.Definitions.merge(*per_project, dg.Definitions(resources={"store": StoreResource()}))
+    return dg.Definitions.merge(
+        *per_project, dg.Definitions(resources={"store": StoreResource(), "compute": ComputeResource()})
+    )
 
 
 defs = build_definitions()

@@ -11,12 +11,13 @@ import dagster as dg
 
 from curation_assets.assets.common import shard_partitions
 from curation_assets.assets.discovery import build_discovery_sensor, build_refresh_schedule
+from curation_assets.assets.embeddings import build_embedding_assets
 from curation_assets.assets.exact_duplicates import build_exact_duplicates_asset
 from curation_assets.assets.inventory import build_inventory_asset
 from curation_assets.assets.sanitize import build_sanitize_asset
 from curation_assets.config import ProjectConfig
 
-BUILT_STAGES = ("sanitize", "exact_dedup")
+BUILT_STAGES = ("sanitize", "exact_dedup", "embeddings")
 
 
 def shard_job_name(project: ProjectConfig) -> str:
@@ -29,7 +30,11 @@ def global_job_name(project: ProjectConfig) -> str:
 
 def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     partitions = shard_partitions(project)
-    per_shard = [build_inventory_asset(project, partitions), build_sanitize_asset(project, partitions)]
+    per_shard = [
+        build_inventory_asset(project, partitions),
+        build_sanitize_asset(project, partitions),
+        *build_embedding_assets(project, partitions),
+    ]
     global_assets = []
     if project.stages.exact_dedup.enabled:
         global_assets.append(build_exact_duplicates_asset(project))
@@ -54,6 +59,15 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
         jobs=jobs,
         sensors=[build_discovery_sensor(project, shard_job, partitions)],
         schedules=schedules,
+    )
+
+
+def per_shard_asset_names(project: ProjectConfig) -> list[str]:
+    """Names (without the project prefix) of the project's per-shard assets."""
+    definitions = build_project_definitions(project)
+    graph = definitions.resolve_asset_graph()
+    return sorted(
+        key.path[-1] for key in graph.get_all_asset_keys() if graph.get(key).partitions_def is not None
     )
 
 

@@ -17,7 +17,7 @@ import polars as pl
 
 from curation_assets.assets.discovery import INVENTORY, partitions_name, pending_shards, recorded_fingerprint
 from curation_assets.assets.exact_duplicates import EXACT
-from curation_assets.assets.project import global_job_name, shard_job_name
+from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig, curation_home
 from curation_assets.core.funnel import Funnel, build_funnel
@@ -57,13 +57,16 @@ class RunSummary:
     seconds: float = 0.0
 
 
-def shard_is_current(project: ProjectConfig, store: ProjectStore, key: str, fingerprint: str) -> bool:
-    """True when the shard's inventory matches its files and sanitize ran with today's rules."""
+def shard_is_current(
+    project: ProjectConfig, store: ProjectStore, key: str, fingerprint: str, assets: list[str]
+) -> bool:
+    """True when the shard's inventory matches its files, sanitize ran with today's rules and
+    every per-shard asset has an output (each asset also skips unchanged work itself)."""
     if recorded_fingerprint(store, key) != fingerprint:
         return False
-    sanitized = store.shard_path(SANITIZED, key)
-    if not sanitized.is_file():
+    if not all(store.shard_path(asset, key).is_file() for asset in assets):
         return False
+    sanitized = store.shard_path(SANITIZED, key)
     return store.parquet_metadata(sanitized).get("rules") == project.stages.sanitize.model_dump(mode="json")
 
 
@@ -92,8 +95,9 @@ def materialize_project(
     summary = RunSummary()
     shard_job = defs.resolve_job_def(shard_job_name(project))
     follow = project.dataset.follow_symlinks
+    assets = per_shard_asset_names(project)
     for index, key in enumerate(wanted, start=1):
-        if not force and shard_is_current(project, store, key, known[key].fingerprint(follow)):
+        if not force and shard_is_current(project, store, key, known[key].fingerprint(follow), assets):
             summary.shards_skipped.append(key)
             continue
         echo(f"[{index}/{len(wanted)}] shard {key}")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from curation_assets.config import ProjectConfig
 
 PARQUET = ".parquet"
+VECTORS_FILE = "vectors_file"  # parquet metadata: the .npy a vector table is aligned with
 
 
 @contextlib.contextmanager
@@ -122,6 +123,34 @@ class ProjectStore:
 
     def read_json(self, path: Path) -> Any:
         return json.loads(path.read_text())
+
+    # -- vectors: <asset>/<shard>.parquet (ids, row) naming the .npy it is aligned with
+    def write_vectors(
+        self, asset: str, shard: str, ids: pl.DataFrame, vectors: np.ndarray, metadata: Mapping[str, Any]
+    ) -> Path:
+        """Write a shard's vectors and their id table as one unit.
+
+        The array goes to a fresh ``<shard>.<token>.npy`` first; the parquet that names it is
+        renamed into place last, so readers always see a parquet and the array it was
+        written with, even after a crash between the two writes. Older arrays of the shard
+        are removed afterwards.
+        """
+        token = uuid.uuid4().hex[:10]
+        array_path = self.shard_path(asset, shard, f".{token}.npy")
+        self.write_npy(vectors, array_path)
+        table_path = self.shard_path(asset, shard)
+        self.write_parquet(ids, table_path, metadata={**metadata, VECTORS_FILE: array_path.name})
+        for stale in self.asset_dir(asset).glob(f"{shard}.*.npy"):
+            if stale.name != array_path.name and stale.name.count(".") == 2:
+                stale.unlink(missing_ok=True)
+        return table_path
+
+    def read_vectors(self, asset: str, shard: str) -> tuple[pl.DataFrame, np.ndarray, dict[str, Any]]:
+        """(id table, memory-mapped float16 array, metadata) of one shard."""
+        table_path = self.shard_path(asset, shard)
+        metadata = self.parquet_metadata(table_path)
+        array = np.load(self.asset_dir(asset) / metadata[VECTORS_FILE], mmap_mode="r")
+        return pl.read_parquet(table_path), array, metadata
 
 
 class StoreResource(dg.ConfigurableResource):
