@@ -137,29 +137,89 @@ _NEEDS_FILE = {"sscd_torchscript", "torchscript", "aesthetic_mlp"}
 
 
 class ModelEntry(_Strict):
-    """A model the stages refer to by name. Weights always come from a local file."""
+    """A model the stages refer to by name. Weights always come from a local file.
+
+    Preprocessing keys (input_size, resize, center_crop, interpolation, mean, std) override
+    what the loader would pick for the kind (see curation_assets/core/models.py); they do
+    not apply to the built-in descriptor nor to aesthetic_mlp (its input is an embedding).
+    """
 
     kind: ModelKind
     path: str | None = None  # local weights / TorchScript file
     name: str | None = None  # open_clip or timm architecture name
-    pretrained: str | None = None  # open_clip tag, used only with allow_download: true
+    # open_clip release tag (openai, laion2b_s32b_b82k, meta, ...). With `path`: says which release
+    # the local file is (its mean/std, resize rule and QuickGELU are taken from the tag; nothing
+    # downloads). Without `path`: downloaded, and only with allow_download: true.
+    pretrained: str | None = None
+    config: str | None = None  # open_clip: a model-config JSON for an architecture open_clip lacks
     base_kind: Literal["torchscript", "timm", "open_clip"] | None = None  # for kind: rotation
+    num_classes: int | None = Field(default=None, gt=0)  # timm: classifier width (default: from the file)
     input_size: int | None = Field(default=None, gt=0)
     resize: Literal["shorter_side", "square"] | None = None
+    center_crop: bool | None = None  # with resize: shorter_side, crop the centre input_size square
+    interpolation: Literal["bilinear", "bicubic"] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    output: Literal["embedding", "logits"] | None = None
+    # timm / torchscript: embedding (default) or logits; rotation: logits (default) or probabilities
+    # (the model already ends in a softmax)
+    output: Literal["embedding", "logits", "probabilities"] | None = None
 
-    _path = field_validator("path")(_path_field)
+    _path = field_validator("path", "config")(_path_field)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError(f"every std value must be positive (got {list(value)})")
+        return value
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ModelEntry:
-        if self.kind in _NEEDS_FILE and not self.path:
-            raise ValueError(f"kind {self.kind!r} needs `path`: the local weights file")
-        if self.kind in ("open_clip", "timm") and not self.name:
-            raise ValueError(f"kind {self.kind!r} needs `name`: the architecture name")
-        if self.kind == "rotation" and not self.base_kind:
+        kind, base = self.kind, self.base_kind
+        if kind == "rotation" and not base:
             raise ValueError("kind 'rotation' needs `base_kind`: torchscript, timm or open_clip")
+        file_kind = base if kind == "rotation" else kind
+        if (kind in _NEEDS_FILE or file_kind in ("timm", "torchscript")) and not self.path:
+            raise ValueError(f"kind {self.kind!r} needs `path`: the local weights file")
+        if file_kind in ("open_clip", "timm") and not self.name:
+            what = f"base_kind {base!r}" if kind == "rotation" else f"kind {kind!r}"
+            raise ValueError(f"{what} needs `name`: the architecture name")
+        if file_kind == "torchscript" and self.input_size is None:
+            what = "base_kind 'torchscript'" if kind == "rotation" else "kind 'torchscript'"
+            raise ValueError(f"{what} needs `input_size`: the side of the square the network takes")
+        if kind != "rotation" and base:
+            raise ValueError(f"`base_kind` is for kind 'rotation' only (kind is {kind!r})")
+        if self.pretrained and file_kind != "open_clip":
+            raise ValueError(f"`pretrained` is an open_clip tag; kind {kind!r} takes its weights from `path`")
+        if self.config and file_kind != "open_clip":
+            raise ValueError(f"`config` is an open_clip model-config JSON; kind {kind!r} takes none")
+        if self.num_classes is not None and file_kind != "timm":
+            raise ValueError("`num_classes` is for timm models only")
+        if kind == "rotation" and self.num_classes not in (None, 4):
+            raise ValueError(
+                f"a rotation model has 4 classes (0/90/180/270), not num_classes={self.num_classes}"
+            )
+        if kind in ("descriptor", "aesthetic_mlp"):
+            set_keys = [
+                key
+                for key in ("input_size", "resize", "center_crop", "interpolation", "mean", "std")
+                if getattr(self, key) is not None
+            ]
+            if set_keys:
+                why = "is built in" if kind == "descriptor" else "scores embeddings, not images"
+                raise ValueError(f"kind {kind!r} {why}: remove {', '.join(set_keys)}")
+        if self.center_crop and self.resize == "square":
+            raise ValueError(
+                "center_crop goes with resize: shorter_side (a square resize leaves nothing to crop)"
+            )
+        allowed_outputs = {
+            "timm": ("embedding", "logits"),
+            "torchscript": ("embedding", "logits"),
+            "rotation": ("logits", "probabilities"),
+        }.get(kind, ())
+        if self.output is not None and self.output not in allowed_outputs:
+            allowed = " or ".join(repr(o) for o in allowed_outputs) or "none (the kind fixes it)"
+            raise ValueError(f"kind {kind!r} takes output {allowed} (got {self.output!r})")
         return self
 
 

@@ -41,8 +41,13 @@ class FailsAbove(MeanColour):
 
 def _settings(batch_size: int = 16, workers: int = 0, min_batch: int = 1) -> ComputeSettings:
     return ComputeSettings(
-        device=torch.device("cpu"), autocast=None, batch_size=batch_size, min_batch_size=min_batch,
-        num_workers=workers, channels_last=False, compile=False,
+        device=torch.device("cpu"),
+        autocast=None,
+        batch_size=batch_size,
+        min_batch_size=min_batch,
+        num_workers=workers,
+        channels_last=False,
+        compile=False,
     )
 
 
@@ -64,7 +69,9 @@ def test_oom_halves_the_batch_and_writes_every_vector_once(tmp_path: Path):
     result = embed_images(flaky, SQUARE, 6, refs, _settings(batch_size=16))
     assert result.backoffs == [8, 4] and result.final_batch_size == 4
     assert result.image_ids == [r.image_id for r in refs]  # each image once, in order
-    np.testing.assert_allclose(result.vectors.astype(np.float32), reference.vectors.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(
+        result.vectors.astype(np.float32), reference.vectors.astype(np.float32), atol=1e-3
+    )
     assert max(flaky.calls[-3:]) <= 4
 
 

@@ -19,7 +19,7 @@ from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ModelEntry, ProjectConfig
 from curation_assets.core.decode import ImageRef
 from curation_assets.core.embed import embed_images
-from curation_assets.core.models import ModelFileError, check_model_file, load_model
+from curation_assets.core.models import ModelFileError, ModelLoadError, check_model_file, load_model
 from curation_assets.core.reasons import Status
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -29,7 +29,6 @@ SEMANTIC_EMBEDDINGS = "semantic_embeddings"
 CHECK_ONE_VECTOR = "one_vector_per_kept_image"
 CHECK_FINITE = "vectors_are_finite"
 CHECK_NORMS = "norms_as_expected"
-UNIT_NORM_KINDS = frozenset({"descriptor", "open_clip"})  # these loaders L2-normalise their output
 
 IDS_SCHEMA = {"image_id": pl.String(), "row": pl.Int64(), "content_hash": pl.String(), "error": pl.String()}
 
@@ -128,7 +127,7 @@ def build_embedding_asset(
             table_path.is_file()
             and project_store.parquet_metadata(table_path).get("input_signature") == signature
         ):
-            ids, vectors, _ = project_store.read_vectors(asset, shard)
+            ids, vectors, meta = project_store.read_vectors(asset, shard)
             context.log.info(f"{asset} {shard}: inputs and model unchanged, kept the existing vectors")
             return dg.MaterializeResult(
                 metadata={"skipped": True, "vectors": len(vectors), "model": model_name},
@@ -137,12 +136,17 @@ def build_embedding_asset(
                     len(ids),
                     np.asarray(vectors),
                     int(ids["error"].is_not_null().sum()),
-                    entry.kind in UNIT_NORM_KINDS,
+                    bool(meta.get("normalized")),
                 ),
             )
 
         settings = compute.settings()
-        model = load_model(model_name, entry, allow_download=project.allow_download, device=settings.device)
+        try:
+            model = load_model(
+                model_name, entry, allow_download=project.allow_download, device=settings.device
+            )
+        except (ModelFileError, ModelLoadError) as exc:
+            raise dg.Failure(str(exc)) from None
         kept = kept_images(project_store, shard)
         refs = [
             ImageRef(r["image_id"], r["source_path"], r["offset"], r["size_bytes"], r["width"], r["height"])
@@ -168,6 +172,7 @@ def build_embedding_asset(
                 "model_name": model_name,
                 "preprocessing": model.preprocessing.describe(),
                 "dim": model.dim,
+                "normalized": model.normalized,
                 "count": len(result.image_ids),
                 "input_signature": signature,
             },
@@ -189,7 +194,7 @@ def build_embedding_asset(
                 "dagster/row_count": len(ids),
             },
             check_results=embedding_checks(
-                key, len(refs), result.vectors, len(result.errors), entry.kind in UNIT_NORM_KINDS
+                key, len(refs), result.vectors, len(result.errors), model.normalized
             ),
         )
 

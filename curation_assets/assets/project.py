@@ -30,11 +30,7 @@ def global_job_name(project: ProjectConfig) -> str:
 
 def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     partitions = shard_partitions(project)
-    per_shard = [
-        build_inventory_asset(project, partitions),
-        build_sanitize_asset(project, partitions),
-        *build_embedding_assets(project, partitions),
-    ]
+    per_shard = build_per_shard_assets(project, partitions)
     global_assets = []
     if project.stages.exact_dedup.enabled:
         global_assets.append(build_exact_duplicates_asset(project))
@@ -62,13 +58,19 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     )
 
 
+def build_per_shard_assets(
+    project: ProjectConfig, partitions: dg.PartitionsDefinition
+) -> list[dg.AssetsDefinition]:
+    return [
+        build_inventory_asset(project, partitions),
+        build_sanitize_asset(project, partitions),
+        *build_embedding_assets(project, partitions),
+    ]
+
+
 def per_shard_asset_names(project: ProjectConfig) -> list[str]:
     """Names (without the project prefix) of the project's per-shard assets."""
-    definitions = build_project_definitions(project)
-    graph = definitions.resolve_asset_graph()
-    return sorted(
-        key.path[-1] for key in graph.get_all_asset_keys() if graph.get(key).partitions_def is not None
-    )
+    return [asset.key.path[-1] for asset in build_per_shard_assets(project, shard_partitions(project))]
 
 
 def declared_stages(project: ProjectConfig) -> list[str]:
