@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -56,9 +55,7 @@ class ImageDataset(Dataset):
         try:
             data = read_bytes(ref.source_path, ref.offset, ref.size)
             image = load_rgb(data, draft_size=self.preprocessing.draft_size(ref.width, ref.height))
-            image = self.preprocessing.apply(image)
-            array = np.asarray(image, dtype=np.uint8)
-            return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
+            return index, self.preprocessing.to_tensor(image), None
         except Exception as exc:  # a file changed or broke since sanitize: recorded, not fatal
             return index, None, f"{type(exc).__name__}: {exc}"
 

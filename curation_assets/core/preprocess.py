@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as tvf
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,6 +21,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,22 @@ class Preprocessing:
             top = (image.height - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
         return image
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """The model input as a uint8 3 x H x W tensor: what the decode workers send.
+
+        Same geometry as :meth:`apply`, but resized with torchvision's antialiased uint8
+        kernels, about 5x faster than Pillow's for SSCD-sized inputs (values within 1).
+        """
+        tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        width, height = self.resized_size(*image.size)
+        if (width, height) != image.size:
+            tensor = tvf.resize(
+                tensor, [height, width], interpolation=_INTERPOLATION[self.interpolation], antialias=True
+            )
+        if self.center_crop:
+            tensor = tvf.center_crop(tensor, [self.size, self.size])
+        return tensor.contiguous()
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able record for metadata and compatibility checks."""
