@@ -127,3 +127,40 @@ def test_missing_weights_fail_clearly_and_write_nothing(demo_dataset, tmp_path: 
         if (event := record.event_log_entry.dagster_event) and event.is_step_failure
     ]
     assert any("models.sscd.path" in message and str(missing) in message for message in failures), failures
+
+
+def test_webdataset_tars_give_the_same_vectors_as_folders(tmp_path: Path):
+    from curation_assets.core.demo_data import generate_demo
+
+    results = {}
+    for layout in ("directory", "webdataset"):
+        demo = generate_demo(tmp_path / layout, n_images=80, n_shards=2, seed=5, layout=layout)
+        overrides = (
+            {"dataset": {"input_kind": "webdataset", "shard_rule": {"kind": "tar"}}}
+            if layout == "webdataset"
+            else {}
+        )
+        project = make_project(
+            tmp_path / f"{layout}_store",
+            {"train": str(demo.images_root)},
+            stages={
+                "embeddings": {"enabled": True, "copy_model": "descriptor", "semantic_model": "descriptor"}
+            },
+            **overrides,
+        )
+        instance = dg.DagsterInstance.ephemeral()
+        summary = materialize_project(project, build_definitions([project]), instance, echo=lambda _: None)
+        assert summary.failed == [] and len(summary.shards_run) == 2
+        store = StoreResource().for_project(project)
+        sanitized = store.scan_shards("sanitized_images").collect().sort("image_id")
+        vectors = {}
+        for shard in ("shard-00", "shard-01"):
+            ids, array, _ = store.read_vectors("sscd_embeddings", shard)
+            vectors.update(
+                {i: np.asarray(array[r]) for i, r in zip(ids["image_id"], ids["row"], strict=True)}
+            )
+        results[layout] = (sanitized.select("image_id", "status", "reasons", "pixel_hash"), vectors)
+    folder, tars = results["directory"], results["webdataset"]
+    assert folder[0].equals(tars[0])  # same ids, statuses, reasons and pixels from tar members
+    assert folder[1].keys() == tars[1].keys() and len(folder[1]) > 50
+    assert all(np.array_equal(folder[1][k], tars[1][k]) for k in folder[1])
