@@ -163,6 +163,9 @@ class ModelEntry(_Strict):
     # timm / torchscript: embedding (default) or logits; rotation: logits (default) or probabilities
     # (the model already ends in a softmax)
     output: Literal["embedding", "logits", "probabilities"] | None = None
+    # descriptor: copy (layout-weighted, for near-duplicates; the default) or content
+    # (global statistics weigh more, for grouping and example filters); see core/descriptor.py
+    variant: Literal["copy", "content"] | None = None
 
     _path = field_validator("path", "config")(_path_field)
 
@@ -199,6 +202,8 @@ class ModelEntry(_Strict):
             raise ValueError(
                 f"a rotation model has 4 classes (0/90/180/270), not num_classes={self.num_classes}"
             )
+        if self.variant is not None and kind != "descriptor":
+            raise ValueError("`variant` (copy or content) is for kind descriptor only")
         if kind in ("descriptor", "aesthetic_mlp"):
             set_keys = [
                 key
@@ -464,6 +469,13 @@ class ProjectConfig(_Strict):
                     f"models.{name}.path: kind 'open_clip' needs a local checkpoint `path` "
                     "(or `pretrained` together with allow_download: true)"
                 )
+        near, embeddings = self.stages.near_dedup, self.stages.embeddings
+        if near.enabled and not (embeddings.enabled and near.model == embeddings.copy_model):
+            problems.append(
+                f"stages.near_dedup.model: {near.model!r} must be the model of the copy-detection "
+                f"embeddings it searches (stages.embeddings.copy_model: {embeddings.copy_model!r}, "
+                f"enabled: {embeddings.enabled})"
+            )
         if self.stages.sampling.enabled and not self.stages.clustering.enabled:
             problems.append("stages.sampling: balanced sampling needs stages.clustering enabled")
         if problems:

@@ -67,6 +67,17 @@ def descriptor() -> ImageDescriptor:
 
 @pytest.fixture(scope="module")
 def demo_vectors(demo_dataset, descriptor) -> DemoVectors:
+    """The copy-detection variant (the default) over the demo pool."""
+    return _demo_vectors(demo_dataset, descriptor)
+
+
+@pytest.fixture(scope="module")
+def content_vectors(demo_dataset) -> DemoVectors:
+    """The content-grouping variant over the demo pool."""
+    return _demo_vectors(demo_dataset, ImageDescriptor("content").eval())
+
+
+def _demo_vectors(demo_dataset, descriptor: ImageDescriptor) -> DemoVectors:
     gt = pl.read_parquet(demo_dataset.ground_truth_path).filter(pl.col("kind").is_in(KINDS))
     rows = gt.to_dicts()
     pixels = np.stack([_load(demo_dataset.images_root / r["image_id"]) for r in rows])
@@ -236,7 +247,7 @@ def test_near_duplicates_find_their_source(demo_vectors):
             assert bases[int(np.argmax(sims))] == demo_vectors.row_of[r["source_id"]], r
 
 
-def test_content_grouping_by_example_images(demo_vectors):
+def test_content_grouping_by_example_images(content_vectors):
     """Min distance to a category's 8 examples separates that category's images from photos.
 
     Asserts ROC AUC >= 0.95 per category. Reports the tightest threshold keeping >= 90% of
@@ -245,6 +256,7 @@ def test_content_grouping_by_example_images(demo_vectors):
     here: with 4 members per category one miss is 25%, and a dark chart whose style none of
     the examples share can be that miss (1500-image pools: benchmarks/descriptor_quality.py).
     """
+    demo_vectors = content_vectors
     v = demo_vectors.vectors
     rows = demo_vectors.rows
     photos = [i for i, r in enumerate(rows) if r["kind"] == "base"]
@@ -273,3 +285,24 @@ def test_content_grouping_by_example_images(demo_vectors):
         assert r["auc"] >= 0.95, (cat, r)
     # documents (white pages of text) are the easy case: every page is closer than any photo
     assert report["document"]["photo_fpr_there"] == 0.0, report["document"]
+
+
+def test_copy_variant_keeps_different_pages_apart(demo_vectors, content_vectors):
+    """Pages of text share every global statistic: the copy weighting must not call them copies."""
+    pages = [
+        i for i, r in enumerate(demo_vectors.rows) if r["kind"] == "unwanted" and r["category"] == "document"
+    ]
+    assert len(pages) >= 2
+
+    def closest_other_page(vectors: np.ndarray) -> float:
+        d = 1.0 - vectors[pages] @ vectors[pages].T
+        np.fill_diagonal(d, np.inf)
+        return float(d.min())
+
+    assert closest_other_page(demo_vectors.vectors) > 0.1  # above the demo's near-duplicate threshold
+    assert closest_other_page(content_vectors.vectors) < closest_other_page(demo_vectors.vectors)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown descriptor variant"):
+        ImageDescriptor("fancy")

@@ -373,11 +373,14 @@ def _load_descriptor(name: str, entry: ModelEntry, allow_download: bool, device:
     from curation_assets.core import descriptor  # written alongside; imported only when used
 
     return _Built(
-        module=descriptor.ImageDescriptor(),
+        module=descriptor.ImageDescriptor(entry.variant or descriptor.DEFAULT_VARIANT),
         preprocessing=descriptor.descriptor_preprocessing(),
         output="embedding",
         normalized=True,
-        extra={"descriptor_version": getattr(descriptor, "DESCRIPTOR_VERSION", None)},
+        extra={
+            "descriptor_version": getattr(descriptor, "DESCRIPTOR_VERSION", None),
+            "variant": entry.variant or descriptor.DEFAULT_VARIANT,
+        },
     )
 
 
