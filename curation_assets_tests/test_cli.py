@@ -18,7 +18,9 @@ def test_curate_demo_materializes_into_the_persistent_instance(tmp_path: Path, m
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     assert main(["demo", "--images", "120", "--shards", "2"]) == 0
     out = capsys.readouterr().out
-    assert "images in:" in out and "exact duplicates:" in out and "funnel:" in out
+    assert (
+        "images in:" in out and "exact duplicates:" in out and "near duplicates:" in out and "funnel:" in out
+    )
     assert "truncated" in out and "decompression_bomb" in out  # rejected reasons are listed
     assert (home / "dagster.yaml").is_file()
     with dg.DagsterInstance.get() as instance:

@@ -14,10 +14,11 @@ from curation_assets.assets.discovery import build_discovery_sensor, build_refre
 from curation_assets.assets.embeddings import build_embedding_assets
 from curation_assets.assets.exact_duplicates import build_exact_duplicates_asset
 from curation_assets.assets.inventory import build_inventory_asset
+from curation_assets.assets.near_dedup import build_near_dedup_assets
 from curation_assets.assets.sanitize import build_sanitize_asset
 from curation_assets.config import ProjectConfig
 
-BUILT_STAGES = ("sanitize", "exact_dedup", "embeddings")
+BUILT_STAGES = ("sanitize", "exact_dedup", "embeddings", "near_dedup")
 
 
 def shard_job_name(project: ProjectConfig) -> str:
@@ -34,6 +35,7 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     global_assets = []
     if project.stages.exact_dedup.enabled:
         global_assets.append(build_exact_duplicates_asset(project))
+    global_assets += build_near_dedup_assets(project)
 
     shard_job = dg.define_asset_job(
         shard_job_name(project),

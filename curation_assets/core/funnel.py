@@ -17,6 +17,7 @@ class Funnel:
     rejected: int
     fixable: int
     exact_duplicates: int
+    near_duplicates: int | None = None  # None: the stage is not part of the project
     steps: list[tuple[str, int]] = field(default_factory=list)  # (stage, images left after it)
 
     @property
@@ -24,32 +25,46 @@ class Funnel:
         return self.steps[-1][1] if self.steps else 0
 
 
-def build_funnel(sanitized: pl.DataFrame, exact: pl.DataFrame | None) -> Funnel:
-    """Funnel over sanitize and exact-duplicate results (later stages add their own steps)."""
+def build_funnel(
+    sanitized: pl.DataFrame, exact: pl.DataFrame | None, near: pl.DataFrame | None = None
+) -> Funnel:
+    """Funnel over sanitize, exact- and near-duplicate results (later stages add their own steps).
+
+    An image removed by two stages counts at the first one only.
+    """
     not_image = sanitized["reasons"].list.contains(str(Reason.NOT_AN_IMAGE))
     images = sanitized.filter(~not_image)
     rejected = images.filter(pl.col("status") == Status.REJECTED)
     by_reason = dict(
         rejected.explode("reasons").group_by("reasons").len().sort("len", descending=True).iter_rows()
     )
-    removed_dups = 0
-    if exact is not None and len(exact):
-        usable = set(images.filter(pl.col("status") != Status.REJECTED)["image_id"])
-        removed_dups = int(exact.filter(~pl.col("is_keeper") & pl.col("image_id").is_in(usable)).height)
+    usable = set(images.filter(pl.col("status") != Status.REJECTED)["image_id"])
+    exact_removed = _removed(exact) & usable
+    near_removed = _removed(near) & usable - exact_removed
     after_sanitize = len(images) - len(rejected)
+    steps = [
+        ("images in", len(images)),
+        ("after sanitize", after_sanitize),
+        ("after exact duplicates", after_sanitize - len(exact_removed)),
+    ]
+    if near is not None:
+        steps.append(("after near duplicates", steps[-1][1] - len(near_removed)))
     return Funnel(
         files_in=len(sanitized),
         not_images=int(not_image.sum()),
         rejected_by_reason=by_reason,
         rejected=len(rejected),
         fixable=int((images["status"] == Status.FIXABLE).sum()),
-        exact_duplicates=removed_dups,
-        steps=[
-            ("images in", len(images)),
-            ("after sanitize", after_sanitize),
-            ("after exact duplicates", after_sanitize - removed_dups),
-        ],
+        exact_duplicates=len(exact_removed),
+        near_duplicates=None if near is None else len(near_removed),
+        steps=steps,
     )
+
+
+def _removed(groups: pl.DataFrame | None) -> set[str]:
+    if groups is None or groups.is_empty():
+        return set()
+    return set(groups.filter(~pl.col("is_keeper"))["image_id"])
 
 
 def format_funnel(funnel: Funnel, title: str = "") -> str:
@@ -63,6 +78,8 @@ def format_funnel(funnel: Funnel, title: str = "") -> str:
         lines.append(f"    {reason:<23}{count:>10,}")
     lines.append(f"  fixable (kept, fixed on export): {funnel.fixable:,}")
     lines.append(f"  exact duplicates:        {funnel.exact_duplicates:>10,}")
+    if funnel.near_duplicates is not None:
+        lines.append(f"  near duplicates:         {funnel.near_duplicates:>10,}")
     lines.append(f"kept:                      {funnel.kept:>10,}")
     lines.append("funnel: " + " -> ".join(f"{count:,}" for _, count in funnel.steps))
     return "\n".join(lines)
