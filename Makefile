@@ -35,6 +35,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sanitize.py
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/dedup.py --sizes 200000 1000000
 
 clean:
 	rm -rf $(CURATION_HOME)

@@ -32,21 +32,28 @@ candidates:
   margin that covers its rounding), keeping the scores over the threshold. faiss's own
   ``range_search`` scans the lists query by query with vector instructions but no matrix
   products: on 200k x 512-d vectors with 2 cores and queries sorted by list it ran at the
-  equivalent of ~22 GFLOP/s, the grouped float32 product at ~85, the bfloat16 one at
-  ~400 (torch, oneDNN), which is what makes 1M vectors in two minutes possible. faiss
-  still trains and assigns the lists, stores them, saves and loads them. ``big_batch_search``
-  in ``faiss.contrib`` groups the same way but only for k-NN with a heap, 6x slower here.
-  Range-style results also keep a big group of copies whole (no k cut).
-- HNSW, LSH, IVF-PQ and GPU indexes: faiss k-NN search (``k`` per query; a query whose k
-  results are all within range is searched again with 4x k, up to the cap, so a big group
-  of copies is not cut). GPU faiss has no range search.
+  equivalent of ~22 GFLOP/s, a grouped float32 product (numpy) at ~85 and the bfloat16
+  one (torch, oneDNN) at ~400. At 1M vectors that is ~50 s of search instead of an
+  estimated ~10 minutes. faiss trains the lists (spherical k-means), stores, saves and
+  loads them; vectors are assigned to lists with the join's own products (the same
+  nearest-centroid rule, 1.5x faster than faiss's float32 quantizer here; in bfloat16 ~3%
+  of vectors go to a runner-up list within rounding of the nearest, which costs the join
+  nothing as it probes by the same scores).
+  ``faiss.contrib.big_batch_search`` groups queries the same way but only for k-NN with a
+  heap per query, 7x slower than the float32 product here. Range-style results also keep
+  a big group of copies whole (no k cut).
+- HNSW, LSH, IVF-PQ and GPU indexes: faiss k-NN search (``k`` = 32 per query; a query
+  whose k results are all within range is searched again with 4x k, up to the cap, so a
+  big group of copies is not cut). GPU faiss has no range search.
 
-Bounded memory: no N x N matrix, products are tiled, and at most ``max_neighbours``
-candidates are kept per query row: when a query has more neighbours within range than that
-(degenerate data: thousands of identical vectors), the closest ``max_neighbours`` are kept
-and a warning says how many queries were cut. Such a group still comes out connected (each
-member keeps ``max_neighbours`` links), but not every pair of it is listed. The output is
-therefore at most ``len(query_rows) * max_neighbours`` pairs.
+Bounded memory: no N x N matrix, products are tiled (at most 4096 x 4096 scores at a
+time), and at most ``max_neighbours`` (default 100) candidates are kept per query row:
+when a query has more neighbours within range than that (degenerate data: thousands of
+identical vectors), the closest ``max_neighbours`` are kept and a RuntimeWarning says how
+many queries were cut. Such a group still comes out connected (each member keeps
+``max_neighbours`` links), but not every pair of it is listed. The output is therefore at
+most ``len(query_rows) * max_neighbours`` pairs. Besides the caller's prepared vectors and
+the index (2 GB each at 1M x 512), a search needs ~0.4 GB at 1M.
 
 Incremental use: add a new shard's prepared vectors to the index (:meth:`VectorIndex.add`,
 no retraining) and call :func:`find_pairs` with ``query_rows`` = the new rows: every
@@ -55,13 +62,14 @@ no retraining) and call :func:`find_pairs` with ``query_rows`` = the new rows: e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +86,25 @@ DEFAULT_MAX_NEIGHBOURS = 100
 CPU_FLAT_MAX = 65_536
 GPU_FLAT_MAX = 2_000_000
 
-# Join tiles: a product block is at most QUERY_TILE x BASE_TILE scores (128 MiB in bfloat16).
-QUERY_TILE = 8192
-BASE_TILE = 8192
+# Join tiles: a product block is at most QUERY_TILE x BASE_TILE scores (32 MiB in bfloat16),
+# padded in bfloat16 to multiples of PAD_QUERIES x PAD_BASE (a bounded set of shapes, see _Blocks).
+QUERY_TILE = 4096
+BASE_TILE = 4096
+PAD_QUERIES = 512
+PAD_BASE = 64
 # Candidates held before pruning to max_neighbours per query (grows when that is not enough).
 COMPACT_AT = 1 << 24
-# Score margins for candidates before exact re-scoring. bfloat16 keeps 8 significant bits:
-# for unit vectors the rounding of the inputs moves a dot product by at most 2^-8 and the
-# rounding of the result by 2^-9 more (sums are accumulated in float32): 0.01 covers both.
-BF16_MARGIN = 0.01
+# Most (row, list) entries the IVF add keeps for the next search (256 MiB of int32).
+PROBE_CACHE_MAX = 1 << 26
+# Score margins for candidates before exact re-scoring. bfloat16 keeps 8 significant bits
+# (unit roundoff 2^-8): rounding both inputs moves each product a_i * b_i by at most ~2^-7 of
+# itself, so a dot product of unit vectors by at most 2^-7 (sum |a_i * b_i| <= 1); the sum is
+# accumulated in float32 and rounding it to bfloat16 adds 2^-8: 1/64 covers the worst case.
+# float32 (d * 2^-24 for d = 512: 3e-5) and faiss's own scores (GPU: maybe TF32) likewise.
+BF16_MARGIN = 1 / 64
 FP32_MARGIN = 1e-4
+KNN_MARGIN = 1e-3
+GPU_MARGIN = 1e-2
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 
 INDEX_FILE = "index.faiss"
@@ -115,13 +132,14 @@ def prepare(vectors: np.ndarray, mean: np.ndarray, chunk: int = 65536) -> np.nda
         raise ValueError(f"mean has {centre.shape[0]} dimensions, vectors have {dim}")
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
-        block = np.array(vectors[start : start + chunk], dtype=np.float32)
+        block = out[start : start + chunk]
+        block[...] = vectors[start : start + chunk]  # one read of the (memory-mapped) chunk
         block -= centre
-        norms = np.linalg.norm(block, axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
         good = np.isfinite(norms) & (norms > 0)
-        block[~good] = 0.0
-        block[good] /= norms[good, None]
-        out[start : start + len(block)] = block
+        if not good.all():
+            block[~good] = 0.0
+        block *= np.divide(1.0, norms, out=np.zeros_like(norms), where=good)[:, None]
     return out
 
 
@@ -152,31 +170,33 @@ def default_nlist(n: int) -> int:
     """Inverted lists for ``n`` vectors: the power of two nearest 2 * sqrt(n), 16..65536,
     and no more than n / 39 (faiss's minimum of training points per list).
 
-    Half faiss's usual 4 * sqrt(n): at 1M the usual 4096 lists cost 80 s of k-means
-    (40 points per list) and twice the assignment work on 2 cores, while what a query scans
-    only depends on nprobe / nlist (see default_nprobe): 2048 lists are the cheaper way to
-    scan the same share.
+    Half the usual 4 * sqrt(n): at 1M, 4096 lists would take ~4x the k-means time of 2048
+    (~40 s instead of 10 on 2 cores, 40 training points per list) and twice the assignment
+    work, for a search that costs about the same: what a query scans is the share
+    nprobe / nlist of the data (see default_nprobe).
     """
     by_size = min(max(_pow2(2 * math.sqrt(max(n, 1))), 16), 65536)
     return max(1, min(by_size, n // 39))
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists searched per query: nlist / 128, at least 8 (all of them for tiny indexes).
+    """Lists searched per query: nlist / 128, at least 16 (all of them for tiny indexes).
 
-    Near-duplicates at cosine distance 0.1 are 26 degrees apart, large next to the cells
-    of a fine partition: the second vector of a pair lands in another list than the first
-    often (a third of pairs at 1M / 2048 lists), and the share of lists that must be
-    scanned to find 99% of the pairs stays about constant as nlist grows. Measured on the
-    benchmark's clustered data (benchmarks/dedup.py), with a pair found from either side:
-    1/128 of the lists gives recall 0.993-0.997 at 200k and 1M.
+    Near-duplicates at cosine distance 0.1 are 26 degrees apart, which is large next to
+    the cells of a fine partition: the two vectors of a pair often sit in different lists
+    (a third of the pairs at 1M vectors / 2048 lists), and the share of lists that must be
+    searched for 99% of the pairs stays about constant as nlist grows. Measured with
+    benchmarks/dedup.py (clustered data, copies moved along the data's own directions, a
+    pair found from either side): nprobe 8 reached recall 0.986 at 65k / 512 lists and
+    0.998 at 200k / 1024; 16 reached 0.997, 1.000 and, at 1M / 2048 lists, 0.996.
     """
-    return min(nlist, max(8, nlist // 128))
+    return min(nlist, max(16, nlist // 128))
 
 
-def default_train_size(nlist: int, n: int) -> int:
-    """k-means sample: 40 vectors per list (faiss warns under 39), all when n is smaller."""
-    return min(n, 40 * nlist)
+def default_train_size(nlist: int, n: int, pq_bits: int | None = None) -> int:
+    """k-means sample: 40 vectors per list (faiss warns under 39) and, with PQ, 40 per code
+    of a sub-quantizer (2^pq_bits); all of them when n is smaller."""
+    return min(n, 40 * max(nlist, 2**pq_bits if pq_bits else 0))
 
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -199,7 +219,10 @@ def resolve_params(kind: str, n: int, params: dict[str, Any] | None) -> dict[str
     if kind == "ivf":
         resolved["nlist"] = int(resolved["nlist"] or default_nlist(n))
         resolved["nprobe"] = int(resolved["nprobe"] or default_nprobe(resolved["nlist"]))
-        resolved["train_size"] = int(resolved["train_size"] or default_train_size(resolved["nlist"], n))
+        pq_bits = int(resolved["pq_bits"]) if resolved["pq_m"] else None
+        resolved["train_size"] = int(
+            resolved["train_size"] or default_train_size(resolved["nlist"], n, pq_bits)
+        )
     return resolved
 
 
@@ -210,10 +233,10 @@ def choose_kind(n: int, requested: str = "auto", on_gpu: bool = False) -> str:
     ``ivf`` above. Exact search costs n^2 * dim multiply-adds. On a GPU that is seconds up
     to a few million vectors (GPU_FLAT_MAX = 2M). On the CPU the flat join computes half
     the n x n products (a self-join is symmetric) at ~400 GFLOP/s in bfloat16 on 2 cores:
-    65,536 x 512-d vectors take ~6 s, less than the time budget of the whole 200k run
-    (20 s), and IVF would save only a few seconds there while giving up exactness. The
-    cost grows with n^2, so IVF (with training and nprobe / nlist = 1/128 of the work per
-    query) takes over above CPU_FLAT_MAX.
+    65,536 x 512-d vectors take ~9 s end to end (measured with benchmarks/dedup.py), well
+    inside the 20 s budget of a 200k run; IVF takes ~4 s there at recall 0.997, not worth
+    giving up exactness for. The cost grows with n^2 (~20 s at 100k, ~80 s at 200k), so IVF
+    (training, then 1/128 to 1/32 of the lists per query) takes over above CPU_FLAT_MAX.
     """
     if requested != "auto":
         if requested not in KINDS:
@@ -270,6 +293,7 @@ class VectorIndex:
         self.timings: dict[str, float] = {}
         self._gpu_index: Any = None
         self._gpu_resources: Any = None
+        self._probe_cache: tuple[int, np.ndarray] | None = None  # (first row, nprobe lists per row)
 
     def __repr__(self) -> str:
         return f"VectorIndex({self.kind!r}, count={self.count}, dim={self.dim}, params={self.params})"
@@ -343,22 +367,56 @@ class VectorIndex:
         return built
 
     def add(self, vectors: np.ndarray, chunk: int = 65536) -> None:
-        """Append prepared vectors (rows ``count .. count + len - 1``), without retraining."""
+        """Append prepared vectors (rows ``count .. count + len - 1``), without retraining.
+
+        IVF: each vector goes to the list of its nearest centroid, scored with the join's
+        own products (:class:`_Engine`); the ``nprobe`` nearest lists of the new rows are
+        kept in memory for the next :func:`find_pairs` (not saved; up to PROBE_CACHE_MAX
+        entries, 64 MB at 1M rows x 16 lists). IVF-Flat lists are
+        filled one list at a time, so each list is allocated once at its final size (faiss's
+        own ``add`` appends vector by vector and leaves up to 2x spare capacity).
+        """
         started = time.perf_counter()
-        if self.kind == "ivf":
+        first = self.count
+        if self.kind != "ivf":
+            for start in range(0, len(vectors), chunk):
+                self.index.add(_float32(vectors[start : start + chunk], self.dim))
+        elif len(vectors):
             ivf = self.ivf
             engine = _Engine("auto")
-            centroids = engine.convert(_centroids(ivf))
-        for start in range(0, len(vectors), chunk):
-            block = _float32(vectors[start : start + chunk], self.dim)
-            if self.kind == "ivf":
-                # the lists chosen with the join's own products (see _probes); faiss stores them
-                lists = _probes(engine, engine.convert(block), centroids, 1)[:, 0].astype(np.int64)
-                ivf.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(lists))
+            nprobe = min(int(self.params["nprobe"]), ivf.nlist)
+            probes = _probes(
+                engine, lambda s, e: engine.tensor(vectors[s:e], self.dim), len(vectors), ivf, nprobe
+            )
+            lists = probes[:, 0].astype(np.int64)
+            if self.params.get("pq_m"):
+                for start in range(0, len(vectors), chunk):
+                    block = _float32(vectors[start : start + chunk], self.dim)
+                    part = np.ascontiguousarray(lists[start : start + chunk])
+                    ids = np.arange(first + start, first + start + len(block), dtype=np.int64)
+                    ivf.add_core(len(block), faiss.swig_ptr(block), faiss.swig_ptr(ids), faiss.swig_ptr(part))
             else:
-                self.index.add(block)
+                _fill_lists(ivf, vectors, lists, first)
+            cache = self._probe_cache
+            if (
+                cache is not None
+                and cache[0] + len(cache[1]) == first
+                and cache[1].size + probes.size <= PROBE_CACHE_MAX
+            ):
+                self._probe_cache = (cache[0], np.concatenate([cache[1], probes]))
+            else:
+                self._probe_cache = (first, probes) if probes.size <= PROBE_CACHE_MAX else None
         self._gpu_index = None  # cloned again at the next search
         self.timings["add_s"] = self.timings.get("add_s", 0.0) + time.perf_counter() - started
+
+    def cached_probes(self, rows: np.ndarray, nprobe: int) -> np.ndarray | None:
+        """The lists of ``rows`` kept by :meth:`add`, when all of them are known."""
+        if self._probe_cache is None or not len(rows):
+            return None
+        start, probes = self._probe_cache
+        if probes.shape[1] != nprobe or rows.min() < start or rows.max() >= start + len(probes):
+            return None
+        return probes[rows - start]
 
     def gpu_index(self) -> Any:
         """The GPU copy used for searching (cloned lazily), or None on the CPU."""
@@ -435,7 +493,11 @@ def _bf16_is_faster() -> bool:
 
 
 class _Engine:
-    """Matrix products for the join (torch on the CPU): bfloat16 or float32."""
+    """Matrix products for the join and the IVF assignment (torch on the CPU).
+
+    bfloat16 where this CPU multiplies it faster than float32 (scores then carry
+    ``margin`` of rounding), float32 otherwise.
+    """
 
     def __init__(self, precision: str):
         import torch
@@ -443,20 +505,98 @@ class _Engine:
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
         self.torch = torch
-        bf16 = precision == "bf16" or (precision == "auto" and _bf16_is_faster())
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.margin = BF16_MARGIN if bf16 else FP32_MARGIN
+        self.bf16 = precision == "bf16" or (precision == "auto" and _bf16_is_faster())
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.margin = BF16_MARGIN if self.bf16 else FP32_MARGIN
 
-    def convert(self, array: np.ndarray, chunk: int = 65536) -> Any:
-        """A (n, d) tensor of the engine's dtype (no copy for float32 input in float32 mode)."""
+    def tensor(self, array: np.ndarray, dim: int | None = None) -> Any:
+        """A float32 tensor over ``array`` (no copy when it is float32 and C-contiguous)."""
+        with warnings.catch_warnings():  # read-only memory maps: the tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            return self.torch.from_numpy(_float32(np.asarray(array), dim))
+
+    def cast(self, tensor: Any) -> Any:
+        return tensor.to(self.dtype) if tensor.dtype != self.dtype else tensor
+
+    def select(
+        self, scores: Any, low: float, cap: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, score) of the scores >= ``low``; a row with more than ``cap`` keeps
+        its ``cap`` best. Also returns the rows that were cut.
+
+        Nearly every row of a block is empty, so the row maxima come first (one pass, in
+        torch) and only rows that reach ``low`` are scanned (numpy). For bfloat16 both run
+        on the int16 bit patterns: a positive bfloat16 orders like its bits (negatives fall
+        below), and integer kernels are ~5x faster than torch's bfloat16 ones here; the
+        threshold is the largest bfloat16 not above ``low``.
+        """
         torch = self.torch
-        if self.dtype == torch.float32 and isinstance(array, np.ndarray) and array.dtype == np.float32:
-            return torch.from_numpy(np.ascontiguousarray(array))
-        out = torch.empty(array.shape, dtype=self.dtype)
-        for start in range(0, len(array), chunk):
-            block = np.ascontiguousarray(array[start : start + chunk], dtype=np.float32)
-            out[start : start + len(block)] = torch.from_numpy(block)
+        as_bits = self.bf16 and low > 0
+        values = scores.view(torch.int16) if as_bits else scores.float()
+        limit = int(np.float32(low).view(np.int32) >> 16) if as_bits else low
+        hot = np.flatnonzero(values.amax(dim=1).numpy() >= limit)
+        empty = np.zeros(0, np.int64)
+        if not len(hot):
+            return empty, empty, np.zeros(0, np.float32), empty
+        sub = values[torch.from_numpy(hot)].numpy()
+        mask = sub >= limit
+        counts = np.count_nonzero(mask, axis=1)
+        heavy = np.flatnonzero(counts > cap)
+        parts = []
+        if len(heavy):
+            mask[heavy] = False
+            top = torch.topk(scores[torch.from_numpy(hot[heavy])].float(), cap, dim=1)
+            hr, hc = np.nonzero((top.values >= low).numpy())
+            parts.append((heavy[hr], top.indices.numpy()[hr, hc], top.values.numpy()[hr, hc]))
+        r, c = np.nonzero(mask)
+        found = (sub[r, c].astype(np.int32) << 16).view(np.float32) if as_bits else sub[r, c]
+        parts.append((r, c, found))
+        rows, cols, vals = (np.concatenate(p) for p in zip(*parts, strict=True))
+        return hot[rows], cols.astype(np.int64), vals.astype(np.float32), hot[heavy]
+
+
+class _Blocks:
+    """Reused buffers for the join's tiles (queries, base, scores): no allocation per tile.
+
+    In bfloat16 the tiles are padded (query rows to a multiple of PAD_QUERIES, base rows of
+    PAD_BASE; the padding's scores are cut off): oneDNN compiles and keeps a kernel per
+    matrix shape, and unpadded list sizes made it hold ~0.7 GB (and spend time compiling).
+    Buffers grow to the largest tile seen.
+    """
+
+    def __init__(self, engine: _Engine, dim: int):
+        self.engine, self.dim = engine, dim
+        self.buffers: dict[str, Any] = {}
+
+    def _get(self, name: str, rows: int, cols: int, dtype: Any) -> Any:
+        size = rows * cols
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = self.engine.torch.empty(size, dtype=dtype)
+        return buffer[:size].view(rows, cols)
+
+    def cast(self, name: str, tensor: Any, step: int) -> Any:
+        """``tensor`` in the engine's dtype, padded with zero rows to a multiple of ``step``."""
+        rows = len(tensor)
+        padded = -(-rows // step) * step if self.engine.bf16 else rows
+        if tensor.dtype == self.engine.dtype and padded == rows:
+            return tensor
+        out = self._get(name, padded, self.dim, self.engine.dtype)
+        out[:rows].copy_(tensor)
+        out[rows:].zero_()
         return out
+
+    def gather(self, source: _QuerySource, index: np.ndarray) -> Any:
+        torch = self.engine.torch
+        out = self._get("gather", len(index), self.dim, torch.float32)
+        rows = index if source.positions is None else source.positions[index]
+        torch.index_select(source.array, 0, torch.from_numpy(np.asarray(rows, dtype=np.int64)), out=out)
+        return self.cast("queries", out, PAD_QUERIES)
+
+    def scores(self, block_q: Any, rows_q: int, base: Any, rows_b: int) -> Any:
+        """Scores of the first ``rows_q`` queries against the first ``rows_b`` base vectors."""
+        out = self._get("scores", len(block_q), len(base), self.engine.dtype)
+        return self.engine.torch.matmul(block_q, base.T, out=out)[:rows_q, :rows_b]
 
 
 def _centroids(ivf: Any) -> np.ndarray:
@@ -464,44 +604,64 @@ def _centroids(ivf: Any) -> np.ndarray:
     return quantizer.reconstruct_n(0, ivf.nlist)
 
 
-def _probes(engine: _Engine, queries: Any, centroids: Any, nprobe: int, chunk: int = 32768) -> np.ndarray:
-    """The ``nprobe`` lists of highest centroid score per query (int32, best first)."""
-    torch = engine.torch
-    out = np.empty((len(queries), nprobe), dtype=np.int32)
-    for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ centroids.T
-        top = torch.topk(scores, nprobe, dim=1, sorted=True).indices
+def _probes(
+    engine: _Engine, read: Callable[[int, int], Any], n: int, ivf: Any, nprobe: int, chunk: int = 32768
+) -> np.ndarray:
+    """The ``nprobe`` lists of highest centroid score for ``n`` vectors (int32, best first).
+
+    ``read(start, end)`` gives vectors ``start..end`` as a float32 tensor. These are the
+    lists the join searches, and (first column) the list a vector is stored in.
+    """
+    centroids = engine.cast(engine.tensor(_centroids(ivf)))
+    out = np.empty((n, nprobe), dtype=np.int32)
+    for start in range(0, n, chunk):
+        scores = engine.cast(read(start, min(n, start + chunk))) @ centroids.T
+        if nprobe == 1:
+            top = scores.float().argmax(dim=1, keepdim=True)
+        else:
+            top = engine.torch.topk(scores, nprobe, dim=1, sorted=True).indices
         out[start : start + len(top)] = top.numpy()
     return out
 
 
-def _ivf_lists(ivf: Any, engine: _Engine) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Every stored vector in list order as one tensor, its row ids, and list offsets."""
+def _fill_lists(ivf: Any, vectors: np.ndarray, lists: np.ndarray, first: int) -> None:
+    """Append IVF-Flat entries list by list (row ids ``first + i``)."""
+    order = np.argsort(lists, kind="stable")
+    bounds = np.searchsorted(lists[order], np.arange(ivf.nlist + 1))
     invlists = ivf.invlists
-    sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    total = int(offsets[-1])
-    base = engine.torch.empty((total, ivf.d), dtype=engine.dtype)
-    ids = np.empty(total, dtype=np.int64)
-    for lst in np.flatnonzero(sizes):
-        size = int(sizes[lst])
-        codes_ptr = invlists.get_codes(int(lst))
-        ids_ptr = invlists.get_ids(int(lst))
-        try:
-            codes = faiss.rev_swig_ptr(codes_ptr, size * ivf.code_size)
-            vectors = codes.view(np.float32).reshape(size, ivf.d)
-            base[offsets[lst] : offsets[lst + 1]] = engine.torch.from_numpy(vectors)
-            ids[offsets[lst] : offsets[lst + 1]] = faiss.rev_swig_ptr(ids_ptr, size)
-        finally:
-            invlists.release_codes(int(lst), codes_ptr)
-            invlists.release_ids(int(lst), ids_ptr)
-    return base, ids, offsets
+    for lst in np.flatnonzero(np.diff(bounds)):
+        members = order[bounds[lst] : bounds[lst + 1]]
+        codes = _float32(vectors[members], ivf.d)
+        ids = (members + first).astype(np.int64)
+        invlists.add_entries(
+            int(lst), len(members), faiss.swig_ptr(ids), faiss.swig_ptr(codes.view(np.uint8))
+        )
+    ivf.ntotal += len(lists)
 
 
 def _flat_vectors(index: Any) -> np.ndarray:
     """The vectors of an IndexFlat as a float32 view (no copy; valid while the index lives)."""
     flat = faiss.downcast_index(index)
     return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+class _ListReader:
+    """The vectors and row ids of one IVF-Flat list, as views into faiss's storage."""
+
+    def __init__(self, ivf: Any):
+        self.ivf = ivf
+        self.sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+
+    @contextlib.contextmanager
+    def read(self, lst: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        invlists, size = self.ivf.invlists, int(self.sizes[lst])
+        codes_ptr, ids_ptr = invlists.get_codes(lst), invlists.get_ids(lst)
+        try:
+            codes = faiss.rev_swig_ptr(codes_ptr, size * self.ivf.code_size)
+            yield codes.view(np.float32).reshape(size, self.ivf.d), faiss.rev_swig_ptr(ids_ptr, size)
+        finally:
+            invlists.release_codes(lst, codes_ptr)
+            invlists.release_ids(lst, ids_ptr)
 
 
 class _Candidates:
@@ -548,113 +708,98 @@ class _Candidates:
         self.size = int(keep.sum())
 
 
-def _select(
-    engine: _Engine, scores: Any, low: float, cap: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, score) of the entries >= ``low``; rows with more than ``cap`` keep their
-    ``cap`` best. Also returns the rows that were cut."""
-    torch = engine.torch
-    mask = scores >= low
-    counts = mask.sum(dim=1)
-    heavy = torch.nonzero(counts > cap).flatten()
-    cut = heavy.numpy()
-    parts = []
-    if len(heavy):
-        mask[heavy] = False
-        top = torch.topk(scores[heavy], cap, dim=1)
-        keep = top.values >= low
-        hr, hc = torch.nonzero(keep, as_tuple=True)
-        parts.append((heavy[hr], top.indices[hr, hc], top.values[hr, hc]))
-    r, c = torch.nonzero(mask, as_tuple=True)
-    parts.append((r, c, scores[r, c]))
-    rows = torch.cat([p[0] for p in parts]).numpy()
-    cols = torch.cat([p[1] for p in parts]).numpy()
-    vals = torch.cat([p[2] for p in parts]).float().numpy()
-    return rows, cols, vals, cut
+class _QuerySource:
+    """Prepared query vectors by query index: ``queries``, else rows of ``all_vectors``."""
+
+    def __init__(self, engine: _Engine, queries: np.ndarray | None, query_rows: np.ndarray, all_vectors: Any):
+        self.positions: np.ndarray | None = None
+        if queries is not None:
+            self.array = engine.tensor(queries)
+        elif isinstance(all_vectors, np.ndarray):
+            self.array, self.positions = engine.tensor(all_vectors), query_rows
+        else:
+            self.array = engine.tensor(_rows(all_vectors, query_rows))
+        self.torch = engine.torch
+
+    def range(self, start: int, end: int) -> Any:
+        """Vectors of queries ``start..end`` (float32)."""
+        if self.positions is None:
+            return self.array[start:end]
+        rows = self.torch.from_numpy(np.asarray(self.positions[start:end], dtype=np.int64))
+        return self.torch.index_select(self.array, 0, rows)
 
 
 def _join(
     vindex: VectorIndex,
     queries: np.ndarray | None,
     query_rows: np.ndarray,
+    all_vectors: VectorSource,
     low: float,
     cap: int,
     precision: str,
     stats: dict[str, Any],
 ) -> _Candidates:
     """Candidates of the blocked join (flat, IVF-Flat): scores >= ``low`` minus the margin."""
-    _t0 = time.perf_counter()
     engine = _Engine(precision)
-    torch = engine.torch
-    stats["precision"] = "bf16" if engine.dtype == torch.bfloat16 else "fp32"
+    stats["precision"] = "bf16" if engine.bf16 else "fp32"
     low = low - engine.margin
-    n_queries = len(query_rows)
-    ntotal = vindex.count
-    if vindex.kind == "flat":
-        base = engine.convert(_flat_vectors(vindex.index))
-        base_ids = np.arange(ntotal, dtype=np.int64)
-        offsets = np.array([0, ntotal], dtype=np.int64)
-        position = base_ids
-    else:
-        base, base_ids, offsets = _ivf_lists(vindex.ivf, engine)
-        position = np.empty(ntotal, dtype=np.int64)
-        position[base_ids] = np.arange(ntotal, dtype=np.int64)
-    everything = n_queries == ntotal and np.array_equal(query_rows, np.arange(ntotal))
-    if queries is None or everything:
-        # the index holds the same prepared vectors: use its copy instead of a second one
-        source, source_pos = base, position[query_rows]
-    else:
-        source, source_pos = engine.convert(queries), np.arange(n_queries, dtype=np.int64)
-    source_pos_t = torch.from_numpy(source_pos)
-    # queries grouped by list: (list, query index) sorted by list
-    if vindex.kind == "flat":
-        by_list = np.arange(n_queries, dtype=np.int64)
-        bounds = np.array([0, n_queries], dtype=np.int64)
-    else:
-        ivf = vindex.ivf
-        nprobe = min(int(vindex.params.get("nprobe") or ivf.nprobe), ivf.nlist)
-        centroids = engine.convert(_centroids(ivf))
-        probes = np.empty((n_queries, nprobe), dtype=np.int32)
-        for start in range(0, n_queries, 65536):
-            block = source[source_pos_t[start : start + 65536]]
-            probes[start : start + len(block)] = _probes(engine, block, centroids, nprobe)
-        flat_lists = probes.reshape(-1)
-        order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
-        by_list = order // nprobe
-        bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
-        del probes, flat_lists, order
-    # flat self-join: the products are symmetric, compute the upper half of the tiles only
-    triangle = vindex.kind == "flat" and source is base and everything
+    n_queries, ntotal = len(query_rows), vindex.count
+    source = _QuerySource(engine, queries, query_rows, all_vectors)
     candidates = _Candidates(n_queries, ntotal, cap)
-    stats["prep_s"] = time.perf_counter() - _t0
-    for lst in range(len(bounds) - 1):
+
+    blocks = _Blocks(engine, vindex.dim)
+
+    def emit(qidx: np.ndarray, block_q: Any, base: Any, base_rows: np.ndarray) -> None:
+        r, c, s, cut = engine.select(blocks.scores(block_q, len(qidx), base, len(base_rows)), low, cap)
+        if len(cut):
+            candidates.capped[qidx[cut]] = True
+        q, rows_b = qidx[r], base_rows[c]
+        keep = query_rows[q] != rows_b
+        candidates.add(q[keep], rows_b[keep], s[keep])
+
+    if vindex.kind == "flat":
+        xb = engine.tensor(_flat_vectors(vindex.index))
+        everything = n_queries == ntotal and np.array_equal(query_rows, np.arange(ntotal))
+        for qs in range(0, n_queries, QUERY_TILE):
+            qidx = np.arange(qs, min(qs + QUERY_TILE, n_queries))
+            # a self-join is symmetric: the upper half of the tiles is enough
+            block_q = (
+                blocks.cast("queries", xb[qs : qs + len(qidx)], PAD_QUERIES)
+                if everything
+                else blocks.gather(source, qidx)
+            )
+            for bs in range(qs if everything else 0, ntotal, BASE_TILE):
+                base_rows = np.arange(bs, min(bs + BASE_TILE, ntotal))
+                emit(qidx, block_q, blocks.cast("base", xb[bs : bs + len(base_rows)], PAD_BASE), base_rows)
+        return candidates
+
+    ivf = vindex.ivf
+    nprobe = min(int(vindex.params["nprobe"]), ivf.nlist)
+    probes = vindex.cached_probes(query_rows, nprobe)
+    if probes is None:
+        probes = _probes(engine, source.range, n_queries, ivf, nprobe)
+    # (query, list) pairs grouped by list: a radix sort of 16-bit list numbers
+    flat_lists = probes.reshape(-1)
+    order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
+    bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
+    by_list = order // nprobe
+    del probes, flat_lists, order
+    lists = _ListReader(ivf)
+    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
         members = by_list[bounds[lst] : bounds[lst + 1]]
-        lo, hi = int(offsets[lst]), int(offsets[lst + 1])
-        if not len(members) or lo == hi:
-            continue
-        for qs in range(0, len(members), QUERY_TILE):
-            qidx = members[qs : qs + QUERY_TILE]
-            _t = time.perf_counter()
-            block_q = source[source_pos_t[torch.from_numpy(qidx)]] if not triangle else None
-            stats["gather_s"] = stats.get("gather_s", 0) + time.perf_counter() - _t
-            for bs in range(lo, hi, BASE_TILE):
-                be = min(bs + BASE_TILE, hi)
-                if triangle:
-                    if be <= qs:
-                        continue
-                    block_q = base[qs : qs + len(qidx)]
-                _t = time.perf_counter()
-                scores = block_q @ base[bs:be].T
-                _t2 = time.perf_counter()
-                r, c, s, cut = _select(engine, scores, low, cap)
-                stats["mm_s"] = stats.get("mm_s", 0) + _t2 - _t
-                stats["sel_s"] = stats.get("sel_s", 0) + time.perf_counter() - _t2
-                if len(cut):
-                    candidates.capped[qidx[cut]] = True
-                rows_b = base_ids[bs + c]
-                q = qidx[r]
-                keep = query_rows[q] != rows_b
-                candidates.add(q[keep], rows_b[keep], s[keep])
+        with lists.read(int(lst)) as (vectors, ids):
+            tiles = range(0, len(ids), BASE_TILE)
+            single = None if len(tiles) > 1 else blocks.cast("base", engine.tensor(vectors), PAD_BASE)
+            for qs in range(0, len(members), QUERY_TILE):
+                qidx = members[qs : qs + QUERY_TILE]
+                block_q = blocks.gather(source, qidx)
+                for bs in tiles:
+                    base = (
+                        single
+                        if single is not None
+                        else blocks.cast("base", engine.tensor(vectors[bs : bs + BASE_TILE]), PAD_BASE)
+                    )
+                    emit(qidx, block_q, base, ids[bs : bs + BASE_TILE])
     return candidates
 
 
@@ -673,11 +818,14 @@ def _knn(
     gpu = vindex.gpu_index()
     index = gpu if gpu is not None else vindex.index
     ntotal = vindex.count
-    limit = min(cap + 1, ntotal, GPU_MAX_K if gpu is not None else ntotal)
+    if gpu is not None:
+        cap = min(cap, GPU_MAX_K - 1)
+    limit = min(cap + 1, ntotal)
     exact_scores = vindex.kind in ("flat", "hnsw") or (vindex.kind == "ivf" and not vindex.params.get("pq_m"))
     if vindex.kind == "ivf":
         (gpu if gpu is not None else vindex.ivf).nprobe = int(vindex.params["nprobe"])
     stats["precision"] = "fp32"
+    margin = (GPU_MARGIN if gpu is not None else KNN_MARGIN) if exact_scores else 0.0
     candidates = _Candidates(len(query_rows), ntotal, cap)
     for start in range(0, len(query_rows), chunk):
         qi = np.arange(start, min(start + chunk, len(query_rows)))
@@ -688,9 +836,12 @@ def _knn(
         )
         kk = min(k + 1, limit)  # +1: the query itself is usually its own first result
         while len(qi):
-            if vindex.kind == "hnsw":
-                vindex.index.hnsw.efSearch = max(int(vindex.params["ef_search"]), kk)
-            dist, ids = index.search(block, kk)
+            extra = {}
+            if vindex.kind == "hnsw":  # the graph search keeps efSearch candidates: at least k
+                extra["params"] = faiss.SearchParametersHNSW(
+                    efSearch=max(int(vindex.params["ef_search"]), kk)
+                )
+            dist, ids = index.search(block, kk, **extra)
             valid = (ids >= 0) & (ids != query_rows[qi][:, None])
             if exact_scores:
                 scores = dist
@@ -698,7 +849,6 @@ def _knn(
                 scores = np.full(ids.shape, -np.inf, dtype=np.float32)
                 qq, cc = np.nonzero(valid)
                 scores[qq, cc] = 1.0 - _exact_distances(all_vectors, query_rows[qi][qq], ids[qq, cc])
-            margin = FP32_MARGIN * 10 if exact_scores else 0.0
             hit = valid & (scores >= low - margin)
             qq, cc = np.nonzero(hit)
             candidates.add(qi[qq], ids[qq, cc].astype(np.int64), scores[qq, cc].astype(np.float32))
@@ -710,8 +860,6 @@ def _knn(
                 break
             qi, block = qi[full], block[full]
             kk = min(kk * 4, limit)
-        if vindex.kind == "hnsw":
-            vindex.index.hnsw.efSearch = int(vindex.params["ef_search"])
     return candidates
 
 
@@ -753,13 +901,13 @@ def find_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (a, b), a != b, at cosine distance <= ``max_distance`` with a query row.
 
-    ``queries[i]`` is the prepared vector of row ``query_rows[i]`` (a row already in the
-    index); ``None`` (or all rows as queries) lets the index's own copy serve.
-    ``all_vectors`` gives the prepared vector of any row (an array, a memory map, or a
-    function of row ids) for exact re-scoring. ``k`` is the first k of the k-NN kinds;
-    ``max_neighbours`` caps the pairs kept per query row (see the module docstring);
-    ``precision`` picks the join's products (auto, bf16, fp32; results are re-scored
-    exactly either way); ``stats``, when given, receives timings and counts.
+    ``queries[i]`` is the prepared vector of row ``query_rows[i]``, a row already added to
+    the index (``None``: read them from ``all_vectors``). ``all_vectors`` gives the
+    prepared vector of any row (an array, a memory map, or a function of row ids) for
+    exact re-scoring. ``k`` is the first k of the k-NN kinds, ``chunk`` their queries per
+    search call; ``max_neighbours`` caps the pairs kept per query row (see the module
+    docstring); ``precision`` picks the join's products (auto, bf16, fp32: the results are
+    the same, re-scored exactly); ``stats``, when given, receives timings and counts.
 
     Returns (rows_a, rows_b, distance): int64, int64, float32, with ``rows_a < rows_b``,
     each unordered pair once, sorted by (rows_a, rows_b); distances are exact
@@ -783,7 +931,7 @@ def find_pairs(
         index.kind == "flat" or (index.kind == "ivf" and not index.params.get("pq_m"))
     )
     if joinable:
-        candidates = _join(index, queries, query_rows, low, cap, precision, stats)
+        candidates = _join(index, queries, query_rows, all_vectors, low, cap, precision, stats)
     else:
         candidates = _knn(index, queries, query_rows, low, max(1, k), cap, all_vectors, chunk, stats)
     candidates.compact()
