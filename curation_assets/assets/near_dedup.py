@@ -212,6 +212,8 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "vectors": len(all_ids),
                 "added": len(new_prepared),
                 "rebuilt": not incremental,
+                # IVF lists were trained on the first build's data; new shards only add to them
+                "retrain_advised": index.retrain_advised,
                 "why": why,
                 "shards": len(vectors),
                 "seconds": round(seconds, 2),

@@ -1,8 +1,9 @@
 """Keeper policies: which member of a duplicate group stays, decided the same way everywhere.
 
-- ``quality``: the cleanest, biggest copy: fewest sanitize findings (ok before fixable),
-  then most pixels, then larger file, then higher quality score when one is given, then
-  path. Deterministic, never random.
+- ``quality``: the biggest, cleanest copy: most pixels, then larger file, then higher
+  quality score when one is given, then fewest sanitize findings (ok before fixable),
+  then path. Deterministic, never random. (Exact duplicates share their pixels, so there
+  the file size and the findings decide.)
 - ``alphabetical``: the first image_id.
 - ``random``: a seeded draw that does not depend on row order (a hash of seed and id).
 """
@@ -17,14 +18,15 @@ KeeperPolicy = Literal["quality", "alphabetical", "random"]
 
 # (column, higher is better) in priority order for the quality policy; absent columns are skipped.
 QUALITY_ORDER: tuple[tuple[str, bool], ...] = (
-    ("n_findings", False),
     ("pixels", True),
     ("size_bytes", True),
     ("quality_score", True),
+    ("n_findings", False),
 )
 
 KEEPER_EXPLANATION: dict[str, str] = {
-    "quality": "fewest sanitize findings, then most pixels, then largest file, then first image_id",
+    "quality": "most pixels, then largest file, then best quality score, then fewest sanitize findings, "
+    "then first image_id",
     "alphabetical": "first image_id in sorted order",
     "random": "seeded random draw",
 }
