@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.discovery import INVENTORY, partitions_name, pending_shards, recorded_fingerprint
+from curation_assets.assets.discovery import partitions_name, pending_shards, recorded_fingerprint
 from curation_assets.assets.exact_duplicates import EXACT
 from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
@@ -139,6 +139,3 @@ def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) ->
     near_path = store.global_path(GROUPS, f"{GROUPS}.parquet")
     near = pl.read_parquet(near_path) if project.stages.near_dedup.enabled and near_path.is_file() else None
     return build_funnel(scan.collect(), exact, near)
-
-
-__all__ = ["INVENTORY", "RunSummary", "init_instance", "materialize_project", "project_funnel"]
