@@ -201,13 +201,21 @@ def build_embedding_asset(
     return embeddings
 
 
+def embedding_models(project: ProjectConfig) -> dict[str, str]:
+    """Embedding asset name -> the model it runs (empty when the stage is off)."""
+    stage = project.stages.embeddings
+    if not stage.enabled:
+        return {}
+    return {COPY_EMBEDDINGS: stage.copy_model, SEMANTIC_EMBEDDINGS: stage.semantic_model}
+
+
+_PURPOSE = {COPY_EMBEDDINGS: "Copy-detection", SEMANTIC_EMBEDDINGS: "Semantic"}
+
+
 def build_embedding_assets(
     project: ProjectConfig, partitions: dg.PartitionsDefinition
 ) -> list[dg.AssetsDefinition]:
-    stage = project.stages.embeddings
-    if not stage.enabled:
-        return []
     return [
-        build_embedding_asset(project, partitions, COPY_EMBEDDINGS, stage.copy_model, "Copy-detection"),
-        build_embedding_asset(project, partitions, SEMANTIC_EMBEDDINGS, stage.semantic_model, "Semantic"),
+        build_embedding_asset(project, partitions, asset, model_name, _PURPOSE[asset])
+        for asset, model_name in embedding_models(project).items()
     ]

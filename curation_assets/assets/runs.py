@@ -16,6 +16,7 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.discovery import partitions_name, pending_shards, recorded_fingerprint
+from curation_assets.assets.embeddings import embedding_models, input_signature
 from curation_assets.assets.exact_duplicates import EXACT
 from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
@@ -68,7 +69,13 @@ def shard_is_current(
     if not all(store.shard_path(asset, key).is_file() for asset in assets):
         return False
     sanitized = store.shard_path(SANITIZED, key)
-    return store.parquet_metadata(sanitized).get("rules") == project.stages.sanitize.model_dump(mode="json")
+    if store.parquet_metadata(sanitized).get("rules") != project.stages.sanitize.model_dump(mode="json"):
+        return False
+    return all(
+        store.parquet_metadata(store.shard_path(asset, key)).get("input_signature")
+        == input_signature(sanitized, model_name, project.models[model_name])
+        for asset, model_name in embedding_models(project).items()
+    )
 
 
 def materialize_project(
