@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import dagster as dg
+import polars as pl
 
 from curation_assets.config import ProjectConfig
 
@@ -50,6 +51,20 @@ class RateLogger:
         rate = rate if rate is not None else done / max(time.perf_counter() - self.start, 1e-9)
         of = f"/{total}" if total else ""
         return f"{self.what}: {done}{of} {self.unit} ({rate:,.1f} {self.unit}/s)"
+
+
+CHECK_ONE_KEEPER = "one_keeper_per_group"
+
+
+def one_keeper_check(groups: pl.DataFrame) -> dg.AssetCheckResult:
+    """Every duplicate group (``group_id``, ``is_keeper`` rows) has exactly one keeper."""
+    keepers = groups.group_by("group_id").agg(pl.col("is_keeper").sum())
+    bad = keepers.filter(pl.col("is_keeper") != 1)
+    return dg.AssetCheckResult(
+        check_name=CHECK_ONE_KEEPER,
+        passed=bad.is_empty(),
+        metadata={"groups": len(keepers), "groups_without_exactly_one_keeper": len(bad)},
+    )
 
 
 def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None) -> dg.MetadataValue:

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table
+from curation_assets.assets.common import CHECK_ONE_KEEPER, asset_key, group_name, md_table, one_keeper_check
 from curation_assets.assets.discovery import partitions_name
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
@@ -12,7 +12,6 @@ from curation_assets.core.keepers import KEEPER_EXPLANATION
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 EXACT = "exact_duplicates"
-CHECK_ONE_KEEPER = "one_keeper_per_group"
 
 
 def processed_shards(
@@ -79,8 +78,6 @@ def build_exact_duplicates_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             project_store.global_path(EXACT, f"{EXACT}.parquet"),
             metadata={"keeper": stage.keeper, "shards": shards},
         )
-        keepers_per_group = groups.group_by("group_id").agg(pl.col("is_keeper").sum())
-        bad_groups = keepers_per_group.filter(pl.col("is_keeper") != 1)
         examples = (
             groups.filter(pl.col("group_size") == pl.col("group_size").max()).head(6)
             if len(groups)
@@ -95,16 +92,7 @@ def build_exact_duplicates_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "path": dg.MetadataValue.path(str(path)),
                 "dagster/row_count": len(groups),
             },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=CHECK_ONE_KEEPER,
-                    passed=bad_groups.is_empty(),
-                    metadata={
-                        "groups": len(keepers_per_group),
-                        "groups_without_exactly_one_keeper": len(bad_groups),
-                    },
-                )
-            ],
+            check_results=[one_keeper_check(groups)],
         )
 
     return exact_duplicates

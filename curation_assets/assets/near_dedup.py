@@ -25,7 +25,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table
+from curation_assets.assets.common import CHECK_ONE_KEEPER, asset_key, group_name, md_table, one_keeper_check
 from curation_assets.assets.embeddings import COPY_EMBEDDINGS
 from curation_assets.assets.exact_duplicates import processed_shards
 from curation_assets.assets.sanitize import SANITIZED
@@ -46,7 +46,6 @@ MEAN = "mean.npy"
 MEAN_IDENTITY = "mean.json"
 CHECK_NO_SELF_PAIRS = "no_self_pairs"
 CHECK_DISTANCE_RANGE = "distances_within_0_2"
-CHECK_ONE_KEEPER = "one_keeper_per_group"
 CHECK_GROUP_SIZES = "no_mega_groups"
 MEGA_GROUP = 100  # a group this large is worth a look: chaining or a degenerate descriptor
 
@@ -380,9 +379,7 @@ def build_groups_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             project_store.global_path(GROUPS, "threshold_sweep.png"),
             lambda path: sweep_plot(sweep, pairs["distance"].to_numpy(), stage.threshold, path),
         )
-        sizes = groups.group_by("group_id").agg(
-            pl.len().alias("size"), pl.col("is_keeper").sum().alias("keepers")
-        )
+        sizes = groups.group_by("group_id").agg(pl.len().alias("size"))
         largest = int(sizes["size"].max() or 0) if len(sizes) else 0
         return dg.MaterializeResult(
             metadata={
@@ -398,10 +395,7 @@ def build_groups_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "dagster/row_count": len(groups),
             },
             check_results=[
-                dg.AssetCheckResult(
-                    check_name=CHECK_ONE_KEEPER,
-                    passed=bool((sizes["keepers"] == 1).all()) if len(sizes) else True,
-                ),
+                one_keeper_check(groups),
                 dg.AssetCheckResult(
                     check_name=CHECK_GROUP_SIZES,
                     passed=largest <= MEGA_GROUP,

@@ -1,8 +1,8 @@
 """One project's asset graph: per-shard assets, global assets, their jobs, sensor and schedule.
 
 Stages switched off in the project file are absent from the graph. Stages that are
-declared and validated but not built yet (rotation, embeddings, filters, near-dup,
-clustering, sampling) are listed in the code location's metadata until their assets land.
+declared and validated but not built yet (rotation, filters, clustering, sampling) have
+no assets until their issues land; ``declared_stages`` lists what a project switches on.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from curation_assets.assets.inventory import build_inventory_asset
 from curation_assets.assets.near_dedup import build_near_dedup_assets
 from curation_assets.assets.sanitize import build_sanitize_asset
 from curation_assets.config import ProjectConfig
-
-BUILT_STAGES = ("sanitize", "exact_dedup", "embeddings", "near_dedup")
 
 
 def shard_job_name(project: ProjectConfig) -> str:

@@ -8,7 +8,7 @@ from curation_assets.assets.discovery import INVENTORY
 from curation_assets.assets.inventory import read_inventory
 from curation_assets.config import ProjectConfig
 from curation_assets.core.reasons import Reason, Status
-from curation_assets.core.sanitize import SanitizeItem, sanitize_items
+from curation_assets.core.sanitize import SanitizeItem, rejected_row, sanitize_items
 from curation_assets.resources.store import StoreResource
 
 SANITIZED = "sanitized_images"
@@ -39,7 +39,7 @@ SANITIZED_SCHEMA: dict[str, pl.DataType] = {
 def _rejected_by_inventory(note: str) -> dict:
     """The row of a file the inventory already ruled out (not an image, empty, unreadable)."""
     reason, _, detail = note.partition(": ")
-    return {"status": str(Status.REJECTED), "reasons": [reason], "fixes": [], "detail": detail or None}
+    return rejected_row(Reason(reason), detail or None)
 
 
 def sanitize_shard(inventory: pl.DataFrame, project: ProjectConfig, progress=None) -> pl.DataFrame:

@@ -604,12 +604,16 @@ def check_image(data: bytes, name: str, rules: SanitizeStage) -> dict[str, Any]:
     return _row(subject, findings, hashed)
 
 
-def unreadable_row(exc: BaseException, file_size: int = 0) -> dict[str, Any]:
-    """The row of a file the OS would not read (missing, permissions, I/O error, short tar)."""
-    subject = Subject(data=b"", name="", ext="")
-    row = _row(subject, [_reject(Reason.UNREADABLE, describe_error(exc))], None)
+def rejected_row(reason: Reason, detail: str | None = None, file_size: int = 0) -> dict[str, Any]:
+    """The row of a file rejected without being opened (one reason, no pixels)."""
+    row = _row(Subject(data=b"", name="", ext=""), [_reject(reason, detail)], None)
     row["file_size"] = file_size
     return row
+
+
+def unreadable_row(exc: BaseException, file_size: int = 0) -> dict[str, Any]:
+    """The row of a file the OS would not read (missing, permissions, I/O error, short tar)."""
+    return rejected_row(Reason.UNREADABLE, describe_error(exc), file_size)
 
 
 # ----------------------------------------------------------------------------- the runner

@@ -104,9 +104,6 @@ class ProjectStore:
         return path
 
     # -- reads
-    def read_parquet(self, path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-        return pl.read_parquet(path, columns=columns)
-
     def parquet_metadata(self, path: Path) -> dict[str, Any]:
         raw = pq.read_schema(path).metadata or {}
         return {
