@@ -2,7 +2,12 @@
 
 curate demo                      generate the demo data if missing, materialize it, print the funnel
 curate demo-data --out DIR       generate a demo dataset (images, examples, ground truth)
+curate demo-labeled              generate the labeled demo (train/test, planted leaks), materialize it
 curate materialize --project P   run every stale shard of P, then its global assets
+                 [--select A ...]  only these assets (every shard for per-shard ones)
+curate apply --project P --confirm   DESTRUCTIVE: move removed files to the backup, fix in place
+curate restore --project P       undo apply from its journal (bit-identical files back)
+curate report --project P        refresh the decisions and the HTML report, print where it is
 curate validate [FILE ...]       validate project files (default: all known projects)
 curate shards --project P        list the shards discovery finds
 curate funnel --project P        print the funnel from what is in the store
@@ -27,6 +32,7 @@ from curation_assets.config import (
 )
 
 DEMO_PROJECT = "demo"
+LABELED_DEMO_PROJECT = "labeled_demo"
 
 
 def _print(text: str) -> None:
@@ -81,16 +87,77 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _materialize(project, shards=None, force=args.force, started=start)
 
 
-def cmd_materialize(args: argparse.Namespace) -> int:
-    project = (
-        load_project(args.project) if args.project.endswith((".yaml", ".yml")) else find_project(args.project)
+def cmd_demo_labeled(args: argparse.Namespace) -> int:
+    from curation_assets.core.labeled_demo import generate_labeled_demo
+
+    project = find_project(LABELED_DEMO_PROJECT)
+    # roots are <root>/images/train and <root>/images/test: the generator writes under <root>
+    root = Path(project.dataset.roots["train"]).parent.parent
+    start = time.perf_counter()
+    demo = generate_labeled_demo(
+        root,
+        n_classes=args.classes,
+        per_class=args.per_class,
+        test_per_class=args.test_per_class,
+        leaks_per_kind=args.leaks_per_kind,
+        seed=args.seed,
     )
+    counts = ", ".join(f"{kind} {count}" for kind, count in demo.counts.items())
+    _print(f"labeled demo: {len(demo.classes)} classes in {demo.images_root} ({counts})")
+    code = _materialize(project, shards=None, force=args.force, started=start)
+    review = project.project_storage / "review_manifest" / "review.html"
+    if review.is_file():
+        _print(f"review page: {review}")
+        _print(f"save its exported decisions as {project.review.decisions_csv} and run this again")
+    return code
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    project = _project(args.project)
+    if args.select:
+        return _select(project, args.select)
     return _materialize(project, shards=args.shard or None, force=args.force, run_global=not args.skip_global)
 
 
-def _materialize(project, shards, force, run_global=True, started: float | None = None) -> int:
-    from curation_assets.assets.runs import init_instance, materialize_project, project_funnel
+def _project(name: str):
+    return load_project(name) if name.endswith((".yaml", ".yml")) else find_project(name)
+
+
+def _print_summary(project) -> None:
+    from curation_assets.assets.runs import curation_summary, project_funnel
     from curation_assets.core.funnel import format_funnel
+
+    funnel = project_funnel(project)
+    if funnel is not None:
+        _print("")
+        _print(format_funnel(funnel, title=f"== {project.name}: sanitize and duplicates =="))
+    summary = curation_summary(project)
+    if summary:
+        _print("")
+        _print(summary)
+
+
+def _select(project, names: list[str]) -> int:
+    from curation_assets.assets.runs import init_instance, materialize_selection
+    from curation_assets.definitions import build_definitions
+
+    started = time.perf_counter()
+    instance = init_instance()
+    try:
+        summary = materialize_selection(project, build_definitions([project]), instance, names, echo=_print)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_summary(project)
+    _print(f"\n{time.perf_counter() - started:.1f} s")
+    if summary.failed:
+        _print("FAILED: " + "; ".join(summary.failed))
+        return 1
+    return 0
+
+
+def _materialize(project, shards, force, run_global=True, started: float | None = None) -> int:
+    from curation_assets.assets.runs import init_instance, materialize_project
     from curation_assets.definitions import build_definitions
 
     started = started or time.perf_counter()
@@ -99,10 +166,7 @@ def _materialize(project, shards, force, run_global=True, started: float | None 
     summary = materialize_project(
         project, defs, instance, shards=shards, force=force, run_global=run_global, echo=_print
     )
-    funnel = project_funnel(project)
-    if funnel is not None:
-        _print("")
-        _print(format_funnel(funnel, title=f"== {project.name} =="))
+    _print_summary(project)
     _print(
         f"\n{len(summary.shards_run)} shard run(s), {time.perf_counter() - started:.1f} s; "
         f"outputs in {project.project_storage}; Dagster instance in {instance.root_directory}"
@@ -112,6 +176,64 @@ def _materialize(project, shards, force, run_global=True, started: float | None 
         _print("FAILED: " + "; ".join(summary.failed))
         return 1
     return 0
+
+
+def _with_backup_root(project, backup_root: str | None):
+    if not backup_root:
+        return project
+    root = str(Path(backup_root).expanduser().resolve())
+    return project.model_copy(update={"apply": project.apply.model_copy(update={"backup_root": root})})
+
+
+def _run_destructive(project, job: str, run_config: dict | None) -> int:
+    from curation_assets.assets.runs import failure_message, init_instance, run_job
+    from curation_assets.definitions import build_definitions
+
+    started = time.perf_counter()
+    result = run_job(build_definitions([project]), init_instance(), job, run_config)
+    if not result.success:
+        print(f"error: {failure_message(result)}", file=sys.stderr)
+        return 1
+    for event in result.all_events:
+        if event.event_type_value == "ASSET_OBSERVATION":
+            applied = event.event_specific_data.asset_observation.metadata.get("applied")
+            if applied is not None:
+                _print("applied: " + ", ".join(f"{k} {v}" for k, v in applied.value.items()))
+    _print(f"{job} finished in {time.perf_counter() - started:.1f} s (run {result.run_id})")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from curation_assets.assets.apply import apply_job_name
+
+    project = _with_backup_root(_project(args.project), args.backup_root)
+    if not args.confirm:
+        print(
+            "error: apply moves files out of the dataset (into the backup root) and rewrites fixed ones; "
+            "add --confirm to run it (restore undoes it)",
+            file=sys.stderr,
+        )
+        return 2
+    op = f"{project.name}_apply"
+    return _run_destructive(project, apply_job_name(project), {"ops": {op: {"config": {"confirm": True}}}})
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from curation_assets.assets.apply import restore_job_name
+
+    project = _with_backup_root(_project(args.project), args.backup_root)
+    return _run_destructive(project, restore_job_name(project), None)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from curation_assets.assets.decisions import DECISIONS
+    from curation_assets.assets.report import REPORT
+
+    project = _project(args.project)
+    if not project.report.enabled:
+        print(f"error: report.enabled is false in {project.name}'s project file", file=sys.stderr)
+        return 2
+    return _select(project, [DECISIONS, REPORT])
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -138,14 +260,13 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_funnel(args: argparse.Namespace) -> int:
-    from curation_assets.assets.runs import project_funnel
-    from curation_assets.core.funnel import format_funnel
+    from curation_assets.assets.runs import curation_summary, project_funnel
 
-    funnel = project_funnel(find_project(args.project))
-    if funnel is None:
+    project = _project(args.project)
+    if project_funnel(project) is None and curation_summary(project) is None:
         _print("nothing materialized yet")
         return 1
-    _print(format_funnel(funnel))
+    _print_summary(project)
     return 0
 
 
@@ -169,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="re-run shards that are up to date")
     demo.set_defaults(func=cmd_demo)
 
+    labeled = sub.add_parser(
+        "demo-labeled",
+        help="generate the labeled demo (train/test with planted leaks) and materialize it",
+        description="The class subsets of projects/labeled_demo.yaml fit the default sizes; smaller demos "
+        "may be too small for them (class_subsets then fails and says which subset).",
+    )
+    labeled.add_argument("--classes", type=int, default=6)
+    labeled.add_argument("--per-class", type=int, default=16, help="train images per class")
+    labeled.add_argument("--test-per-class", type=int, default=5, help="unique test images per class")
+    labeled.add_argument("--leaks-per-kind", type=int, default=3, help="planted leaks of each kind")
+    labeled.add_argument("--seed", type=int, default=0)
+    labeled.add_argument("--force", action="store_true", help="re-run shards that are up to date")
+    labeled.set_defaults(func=cmd_demo_labeled)
+
     data = sub.add_parser("demo-data", help="generate a demo dataset")
     data.add_argument("--out", help="output folder (default: ${CURATION_HOME}/demo)")
     data.add_argument("--images", type=int, default=2000)
@@ -182,7 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--shard", action="append", help="only this shard (repeatable)")
     mat.add_argument("--force", action="store_true", help="re-run shards that are up to date")
     mat.add_argument("--skip-global", action="store_true", help="per-shard assets only")
+    mat.add_argument(
+        "--select",
+        action="append",
+        metavar="ASSET",
+        help="only this asset, e.g. filter_decisions (repeatable)",
+    )
     mat.set_defaults(func=cmd_materialize)
+
+    apply = sub.add_parser("apply", help="DESTRUCTIVE: apply the decisions to a directory dataset (undoable)")
+    apply.add_argument("--project", required=True)
+    apply.add_argument("--confirm", action="store_true", help="required: you mean it")
+    apply.add_argument("--backup-root", help="override apply.backup_root of the project file")
+    apply.set_defaults(func=cmd_apply)
+
+    restore = sub.add_parser("restore", help="undo apply from its journal")
+    restore.add_argument("--project", required=True)
+    restore.add_argument("--backup-root", help="override apply.backup_root of the project file")
+    restore.set_defaults(func=cmd_restore)
+
+    report = sub.add_parser("report", help="refresh the decisions and the HTML report")
+    report.add_argument("--project", required=True)
+    report.set_defaults(func=cmd_report)
 
     val = sub.add_parser("validate", help="validate project files")
     val.add_argument("files", nargs="*")

@@ -352,6 +352,7 @@ class QualityStage(_Strict):
     low_information_threshold: float = Field(ge=0, le=8)
     blur_threshold: float = Field(ge=0)
     grayscale: bool
+    workers: int = Field(ge=0)
 
 
 class ClusterLevel(_Strict):
@@ -393,6 +394,22 @@ class SamplingStage(_Strict):
         return self
 
 
+class TrainTestLeaksStage(_Strict):
+    enabled: bool
+    methods: tuple[Literal["exact", "perceptual", "semantic"], ...]
+    max_hamming: int = Field(ge=0, le=32)
+    min_similarity: float = Field(ge=0, le=1)
+    workers: int = Field(ge=0)
+
+
+class LabelIssuesStage(_Strict):
+    enabled: bool
+    k: int = Field(ge=1, le=1000)
+    mislabel_threshold: float = Field(ge=0, le=1)
+    outlier_factor: float = Field(gt=0)
+    ambiguity_margin: float = Field(ge=0, le=1)
+
+
 class Stages(_Strict):
     sanitize: SanitizeStage
     exact_dedup: ExactDedupStage
@@ -404,6 +421,111 @@ class Stages(_Strict):
     quality: QualityStage
     clustering: ClusteringStage
     sampling: SamplingStage
+    train_test_leaks: TrainTestLeaksStage
+    label_issues: LabelIssuesStage
+
+
+class ExportConfig(_Strict):
+    """How `curated_dataset` writes the curated subset (it never modifies the source)."""
+
+    enabled: bool
+    root: str | None  # None: <storage_root>/<name>/curated_dataset/export
+    layout: Literal["manifest", "symlink", "hardlink", "copy", "webdataset"]
+    jpeg_quality: int = Field(ge=1, le=100)
+    shard_max_count: int = Field(gt=0)
+    shard_max_mb: float = Field(gt=0)
+
+    _root = field_validator("root")(_path_field)
+
+
+class ApplyConfig(_Strict):
+    """Where the destructive apply job moves removed files and originals of fixed ones."""
+
+    backup_root: str | None
+    include_not_sampled: bool  # also move out images removed only because sampling did not pick them
+
+    _backup = field_validator("backup_root")(_path_field)
+
+
+class ReportConfig(_Strict):
+    enabled: bool
+    examples_per_section: int = Field(ge=1, le=200)
+    thumb_side: int = Field(ge=32, le=512)
+    clusters_shown: int = Field(ge=1, le=500)
+
+
+class LabelsConfig(_Strict):
+    """Where an image's class comes from (labeled datasets: leaks, label issues, review, subsets)."""
+
+    source: Literal["none", "layout", "file"]
+    file: str | None  # CSV / TSV / parquet with an id-or-path column and a label column
+    id_column: str
+    label_column: str
+    caption_column: str | None
+
+    _file = field_validator("file")(_path_field)
+
+    @model_validator(mode="after")
+    def _file_given(self) -> LabelsConfig:
+        if self.source == "file" and not self.file:
+            raise ValueError("labels.source 'file' needs labels.file")
+        return self
+
+
+class ExternalFlagsConfig(_Strict):
+    path: str | None  # another tool's flags export (e.g. Visual Layer), read as review input
+    mapping: dict[str, str]  # our field -> their column
+
+    _path = field_validator("path")(_path_field)
+
+
+class ReviewConfig(_Strict):
+    enabled: bool
+    decisions_csv: str | None  # the reviewer's exported CSV, placed here, is merged on re-materialize
+    confirm_at: float = Field(ge=0, le=1)
+    auto_remove: tuple[str, ...]
+    auto_relabel: tuple[str, ...]
+    thumb_side: int = Field(ge=32, le=512)
+
+    _csv = field_validator("decisions_csv")(_path_field)
+
+
+class SubsetSpec(_Strict):
+    kind: Literal["count", "classes", "trim_tail", "frequency"]
+    n: int | None = Field(default=None, gt=0)
+    k: int | None = Field(default=None, gt=0)
+    classes: tuple[str, ...] | None = None
+    ceil: int | None = Field(default=None, gt=0)
+    target: str | None = None  # class -> weight/count file (CSV or JSON) for kind frequency
+    seed: int = 0
+    split: str | None = None  # the split whose images form the pool (None: every split together)
+
+    _target = field_validator("target")(_path_field)
+
+    @model_validator(mode="after")
+    def _needs(self) -> SubsetSpec:
+        need = {"count": ["n"], "trim_tail": ["k", "ceil"], "frequency": ["n", "target"], "classes": []}
+        missing = [f for f in need[self.kind] if getattr(self, f) is None]
+        if self.kind == "classes" and self.k is None and not self.classes:
+            missing.append("k or classes")
+        if missing:
+            raise ValueError(f"subset kind {self.kind!r} needs {', '.join(missing)}")
+        return self
+
+
+class CaptionFilterConfig(_Strict):
+    enabled: bool
+    text_model: str  # an open_clip models entry: its text encoder scores captions vs class definitions
+    class_definitions: str | None  # CSV/JSON: class -> definition text
+    threshold: float = Field(ge=-1, le=1)
+
+    _defs = field_validator("class_definitions")(_path_field)
+
+
+class ClassSubsetsConfig(_Strict):
+    enabled: bool
+    subsets: dict[str, SubsetSpec]
+    caption_filter: CaptionFilterConfig
 
 
 # Which model kinds each stage's model reference accepts.
@@ -429,6 +551,13 @@ class ProjectConfig(_Strict):
     discovery: DiscoveryConfig
     models: dict[str, ModelEntry]
     stages: Stages
+    export: ExportConfig
+    apply: ApplyConfig
+    report: ReportConfig
+    labels: LabelsConfig
+    external_flags: ExternalFlagsConfig
+    review: ReviewConfig
+    class_subsets: ClassSubsetsConfig
     source: str | None = None  # the project file it came from (set by the loader)
 
     _storage = field_validator("storage_root")(_path_field)
@@ -476,11 +605,57 @@ class ProjectConfig(_Strict):
                 f"embeddings it searches (stages.embeddings.copy_model: {embeddings.copy_model!r}, "
                 f"enabled: {embeddings.enabled})"
             )
+        for stage_name in ("example_filters", "clustering"):
+            stage = getattr(self.stages, stage_name)
+            if stage.enabled and not (embeddings.enabled and stage.model == embeddings.semantic_model):
+                problems.append(
+                    f"stages.{stage_name}.model: {stage.model!r} must be the model of the semantic "
+                    f"embeddings it reads (stages.embeddings.semantic_model: {embeddings.semantic_model!r}, "
+                    f"enabled: {embeddings.enabled})"
+                )
+        problems += self._labeled_problems()
         if self.stages.sampling.enabled and not self.stages.clustering.enabled:
             problems.append("stages.sampling: balanced sampling needs stages.clustering enabled")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _labeled_problems(self) -> list[str]:
+        stages, problems = self.stages, []
+        labeled = self.labels.source != "none"
+        if stages.label_issues.enabled and not labeled:
+            problems.append("stages.label_issues: needs labels (labels.source: layout or file)")
+        if self.class_subsets.enabled and not labeled:
+            problems.append("class_subsets: needs labels (labels.source: layout or file)")
+        needs_vectors = stages.label_issues.enabled or (
+            stages.train_test_leaks.enabled and "semantic" in stages.train_test_leaks.methods
+        )
+        if needs_vectors and not self.stages.embeddings.enabled:
+            problems.append(
+                "stages.embeddings: label_issues and semantic leak detection read the semantic embeddings; "
+                "enable stages.embeddings"
+            )
+        if stages.train_test_leaks.enabled and len(self.dataset.roots) < 2:
+            problems.append("stages.train_test_leaks: needs two or more splits in dataset.roots")
+        for name, spec in self.class_subsets.subsets.items() if self.class_subsets.enabled else ():
+            if spec.split is not None and spec.split not in self.dataset.roots:
+                problems.append(
+                    f"class_subsets.subsets.{name}.split: {spec.split!r} is not a split of dataset.roots "
+                    f"({', '.join(sorted(self.dataset.roots))})"
+                )
+        caption = self.class_subsets.caption_filter
+        if self.class_subsets.enabled and caption.enabled:
+            entry = self.models.get(caption.text_model)
+            if entry is None or entry.kind != "open_clip":
+                problems.append(
+                    f"class_subsets.caption_filter.text_model: {caption.text_model!r} must be an open_clip "
+                    "model entry (its text encoder scores the captions)"
+                )
+            if not caption.class_definitions or not self.labels.caption_column:
+                problems.append(
+                    "class_subsets.caption_filter: needs class_definitions and labels.caption_column"
+                )
+        return problems
 
     @property
     def project_storage(self) -> Path:

@@ -45,7 +45,14 @@ def test_per_shard_assets_are_partitioned_and_global_ones_are_not():
 def test_a_disabled_stage_is_absent_from_the_graph(tmp_path):
     project = make_project(tmp_path, str(tmp_path), stages={"exact_dedup": {"enabled": False}})
     keys = _keys(build_definitions([project]))
-    assert keys == {"testproj/image_inventory", "testproj/sanitized_images"}
+    # no duplicate stage: the per-shard pair plus the decisions, export and report every project has
+    assert keys == {
+        "testproj/image_inventory",
+        "testproj/sanitized_images",
+        "testproj/curation_decisions",
+        "testproj/curated_dataset",
+        "testproj/curation_report",
+    }
     assert "exact_dedup" not in declared_stages(project)
 
 

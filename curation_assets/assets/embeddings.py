@@ -33,14 +33,20 @@ CHECK_NORMS = "norms_as_expected"
 IDS_SCHEMA = {"image_id": pl.String(), "row": pl.Int64(), "content_hash": pl.String(), "error": pl.String()}
 
 
+def model_stamp(model_name: str, entry: ModelEntry) -> str:
+    """Changes when the model entry or its weights file (size, mtime) change; cheap, loads nothing."""
+    parts = [model_name, entry.model_dump_json()]
+    for path in (entry.path, entry.config):
+        if path and Path(path).is_file():
+            stat = Path(path).stat()
+            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\n".join(parts)
+
+
 def input_signature(sanitized_path: Path, model_name: str, entry: ModelEntry) -> str:
     """Changes when the shard's kept images, the model entry or its weights file change."""
     digest = xxhash.xxh3_128(sanitized_path.read_bytes())
-    digest.update(model_name.encode())
-    digest.update(entry.model_dump_json().encode())
-    if entry.path and Path(entry.path).is_file():
-        stat = Path(entry.path).stat()
-        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(model_stamp(model_name, entry).encode())
     return digest.hexdigest()
 
 

@@ -1,20 +1,33 @@
 """One project's asset graph: per-shard assets, global assets, their jobs, sensor and schedule.
 
-Stages switched off in the project file are absent from the graph. Stages that are
-declared and validated but not built yet (rotation, filters, clustering, sampling) have
-no assets until their issues land; ``declared_stages`` lists what a project switches on.
+Stages switched off in the project file are absent from the graph (ToL has no rotation,
+GLDv2 no example filters); ``declared_stages`` lists what a project switches on.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
+from curation_assets.assets.aesthetic import build_aesthetic_asset
+from curation_assets.assets.apply import build_apply_jobs
+from curation_assets.assets.clustering import build_clusters_asset, build_sample_asset
 from curation_assets.assets.common import shard_partitions
+from curation_assets.assets.decisions import build_decisions_asset
 from curation_assets.assets.discovery import build_discovery_sensor, build_refresh_schedule
 from curation_assets.assets.embeddings import build_embedding_assets
 from curation_assets.assets.exact_duplicates import build_exact_duplicates_asset
+from curation_assets.assets.example_filters import (
+    build_example_distances_asset,
+    build_example_embeddings_asset,
+)
+from curation_assets.assets.export import build_export_asset
+from curation_assets.assets.filter_decisions import build_filter_decisions_asset, score_assets
 from curation_assets.assets.inventory import build_inventory_asset
+from curation_assets.assets.labeled import build_labeled_assets, build_labeled_shard_assets
 from curation_assets.assets.near_dedup import build_near_dedup_assets
+from curation_assets.assets.quality import build_quality_asset
+from curation_assets.assets.report import build_report_asset
+from curation_assets.assets.rotation import build_rotation_asset
 from curation_assets.assets.sanitize import build_sanitize_asset
 from curation_assets.config import ProjectConfig
 
@@ -34,15 +47,29 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     if project.stages.exact_dedup.enabled:
         global_assets.append(build_exact_duplicates_asset(project))
     global_assets += build_near_dedup_assets(project)
+    if project.stages.example_filters.enabled:
+        global_assets.append(build_example_embeddings_asset(project))
+    if score_assets(project):
+        global_assets.append(build_filter_decisions_asset(project))
+    if project.stages.clustering.enabled:
+        global_assets.append(build_clusters_asset(project))
+    if project.stages.sampling.enabled:
+        global_assets.append(build_sample_asset(project))
+    global_assets.append(build_decisions_asset(project))
+    if project.export.enabled:
+        global_assets.append(build_export_asset(project))
+    if project.report.enabled:
+        global_assets.append(build_report_asset(project))
+    global_assets += build_labeled_assets(project)  # each only when its stage or section is on
 
     shard_job = dg.define_asset_job(
         shard_job_name(project),
         selection=dg.AssetSelection.assets(*per_shard),
         description=f"Per-shard assets of {project.name}: one run per shard (partition).",
     )
-    jobs = [shard_job]
+    jobs = [shard_job, *build_apply_jobs(project)]
     schedules = []
-    if global_assets:
+    if global_assets:  # always: curation_decisions is global
         global_job = dg.define_asset_job(
             global_job_name(project),
             selection=dg.AssetSelection.assets(*global_assets),
@@ -61,11 +88,22 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
 def build_per_shard_assets(
     project: ProjectConfig, partitions: dg.PartitionsDefinition
 ) -> list[dg.AssetsDefinition]:
-    return [
+    stages = project.stages
+    assets = [
         build_inventory_asset(project, partitions),
         build_sanitize_asset(project, partitions),
         *build_embedding_assets(project, partitions),
     ]
+    if stages.example_filters.enabled:
+        assets.append(build_example_distances_asset(project, partitions))
+    if stages.aesthetic.enabled:
+        assets.append(build_aesthetic_asset(project, partitions))
+    if stages.quality.enabled:
+        assets.append(build_quality_asset(project, partitions))
+    if stages.rotation.enabled:
+        assets.append(build_rotation_asset(project, partitions))
+    assets += build_labeled_shard_assets(project, partitions)
+    return assets
 
 
 def per_shard_asset_names(project: ProjectConfig) -> list[str]:

@@ -15,11 +15,21 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from curation_assets.assets.aesthetic import AESTHETIC, aesthetic_signature
 from curation_assets.assets.discovery import partitions_name, pending_shards, recorded_fingerprint
 from curation_assets.assets.embeddings import embedding_models, input_signature
 from curation_assets.assets.exact_duplicates import EXACT
+from curation_assets.assets.example_filters import (
+    EXAMPLE_DISTANCES,
+    distances_signature,
+    example_set,
+    examples_signature,
+)
+from curation_assets.assets.labeled import PHASHES, perceptual_enabled, phash_signature
 from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
+from curation_assets.assets.quality import QUALITY, quality_signature
+from curation_assets.assets.rotation import ROTATION, rotation_signature
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig, curation_home
 from curation_assets.core.funnel import Funnel, build_funnel
@@ -72,10 +82,35 @@ def shard_is_current(
     if store.parquet_metadata(sanitized).get("rules") != project.stages.sanitize.model_dump(mode="json"):
         return False
     return all(
-        store.parquet_metadata(store.shard_path(asset, key)).get("input_signature")
-        == input_signature(sanitized, model_name, project.models[model_name])
-        for asset, model_name in embedding_models(project).items()
+        store.parquet_metadata(store.shard_path(asset, key)).get("input_signature") == signature
+        for asset, signature in shard_signatures(project, store, key).items()
     )
+
+
+def shard_signatures(project: ProjectConfig, store: ProjectStore, key: str) -> dict[str, str]:
+    """Per-shard asset -> the input signature today's inputs give (what a current output recorded).
+
+    Computed in order: an asset's signature may read the recorded signature of its input
+    (example distances read the semantic vectors'), which is current once that input is.
+    """
+    sanitized = store.shard_path(SANITIZED, key)
+    signatures = {
+        asset: input_signature(sanitized, model_name, project.models[model_name])
+        for asset, model_name in embedding_models(project).items()
+    }
+    stages = project.stages
+    if stages.example_filters.enabled:
+        examples = examples_signature(project, example_set(project))
+        signatures[EXAMPLE_DISTANCES] = distances_signature(store, key, examples)
+    if stages.aesthetic.enabled:
+        signatures[AESTHETIC] = aesthetic_signature(project, store, key)
+    if stages.quality.enabled:
+        signatures[QUALITY] = quality_signature(project, store, key)
+    if stages.rotation.enabled:
+        signatures[ROTATION] = rotation_signature(project, store, key)
+    if perceptual_enabled(project):
+        signatures[PHASHES] = phash_signature(project, store, key)
+    return signatures
 
 
 def materialize_project(
@@ -146,3 +181,102 @@ def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) ->
     near_path = store.global_path(GROUPS, f"{GROUPS}.parquet")
     near = pl.read_parquet(near_path) if project.stages.near_dedup.enabled and near_path.is_file() else None
     return build_funnel(scan.collect(), exact, near)
+
+
+def materialize_selection(
+    project: ProjectConfig,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    names: list[str],
+    echo: Callable[[str], None] = print,
+) -> RunSummary:
+    """Materialize only the named assets (without the project prefix): per-shard ones for every
+    known shard, then global ones, in one run each, through the same asset definitions."""
+    start = time.perf_counter()
+    assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
+    by_name = {
+        key.path[-1]: (asset, key) for asset in assets for key in asset.keys if key.path[0] == project.name
+    }
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown asset(s) {unknown} in project {project.name}; known: {sorted(by_name)}")
+    per_shard = [n for n in names if by_name[n][0].partitions_def is not None]
+    global_names = [n for n in names if n not in per_shard]
+    resources = dict(defs.resources or {})
+    summary = RunSummary()
+    tags = {"curation/trigger": "cli"}
+    if per_shard:
+        shards = sorted(instance.get_dynamic_partitions(partitions_name(project)))
+        for index, key in enumerate(shards, start=1):
+            echo(f"[{index}/{len(shards)}] {', '.join(per_shard)} for shard {key}")
+            result = dg.materialize(
+                assets,
+                selection=[by_name[n][1] for n in per_shard],
+                partition_key=key,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                tags=tags,
+                run_config=QUIET_CONSOLE,
+            )
+            summary.shards_run.append(key)
+            if not result.success:
+                summary.failed.append(f"shard {key} (run {result.run_id})")
+    if global_names:
+        echo(", ".join(global_names))
+        result = dg.materialize(
+            assets,
+            selection=[by_name[n][1] for n in global_names],
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+            tags=tags,
+            run_config=QUIET_CONSOLE,
+        )
+        if not result.success:
+            summary.failed.append(f"{', '.join(global_names)} (run {result.run_id})")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run_job(
+    defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, run_config: dict | None = None
+) -> dg.ExecuteInProcessResult:
+    """Run one of the project's jobs (apply, restore) in the persistent instance."""
+    config = {**QUIET_CONSOLE, **(run_config or {})}
+    return defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, raise_on_error=False, tags={"curation/trigger": "cli"}, run_config=config
+    )
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The first step failure's message (what dg.Failure said), for a CLI summary."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            return event.step_failure_data.error.message.strip()
+    return f"run {result.run_id} failed"
+
+
+def curation_summary(project: ProjectConfig, store: ProjectStore | None = None) -> str | None:
+    """The decisions' funnel as text plus where the report and the export are (None before decisions)."""
+    from curation_assets.assets.decisions import decisions_path
+    from curation_assets.assets.export import export_root
+    from curation_assets.assets.report import report_dir
+
+    store = store or StoreResource().for_project(project)
+    path = decisions_path(store)
+    if not path.is_file():
+        return None
+    funnel = store.parquet_metadata(path).get("funnel") or []
+    lines = [f"== {project.name}: curation funnel =="]
+    for row in funnel:
+        removed = f"-{row['removed']:,}" if row["removed"] else ""
+        lines.append(f"  {row['step']:<26}{row['left']:>12,}  {removed}")
+    lines.append("funnel: " + " -> ".join(f"{row['left']:,}" for row in funnel))
+    lines.append(f"decisions: {path}")
+    report = report_dir(store) / "report.html"
+    if project.report.enabled and report.is_file():
+        lines.append(f"report:    {report}")
+    if project.export.enabled:
+        lines.append(f"export:    {export_root(project, store)}")
+    return "\n".join(lines)

@@ -67,7 +67,7 @@ ROTATIONS: tuple[int, ...] = (90, 180, 270)  # clockwise degrees of the stored p
 EXIF_ORIENTATIONS: tuple[int, ...] = (3, 6, 8)
 QUALITY_ISSUES: tuple[str, ...] = ("blur", "dark", "bright")
 CATEGORIES: tuple[str, ...] = ("document", "chart", "map")
-EXAMPLES_PER_CATEGORY = 8
+EXAMPLES_PER_CATEGORY = 20
 
 # What a correct sanitizer reports for each planted defect under the default rules.
 DEFECT_EXPECTATIONS: dict[str, tuple[Status, tuple[Reason, ...]]] = {

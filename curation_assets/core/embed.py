@@ -144,11 +144,13 @@ def embed_images(
     refs: Sequence[ImageRef],
     settings: ComputeSettings,
     progress: Callable[[int, int, float], None] | None = None,
+    dtype: np.dtype | type = np.float16,
 ) -> EmbedResult:
-    """Vectors for ``refs`` (float16), with every image that failed to decode listed in errors."""
+    """Vectors for ``refs`` (float16 unless ``dtype`` says otherwise: probabilities compared with a
+    threshold keep float32), with every image that failed to decode listed in errors."""
     start = time.perf_counter()
     runner = BatchRunner(module, preprocessing, settings)
-    out = np.zeros((len(refs), dim), dtype=np.float16)
+    out = np.zeros((len(refs), dim), dtype=dtype)
     done = np.zeros(len(refs), dtype=bool)
     errors: dict[int, str] = {}
     loader = make_loader(
@@ -167,7 +169,7 @@ def embed_images(
             vectors = runner(pixels)
             if vectors.shape[1] != dim:
                 raise ValueError(f"the model returned {vectors.shape[1]}-d vectors, {dim} expected")
-            out[indices.numpy()] = vectors.numpy().astype(np.float16)
+            out[indices.numpy()] = vectors.numpy().astype(dtype)
             done[indices.numpy()] = True
         finished += sum(len(i) for i, _ in batch.groups) + len(batch.errors)
         if progress:

@@ -1,0 +1,326 @@
+"""The whole demo project on a copy of the demo data: filters, clustering and sampling, decisions,
+export, the report, and apply/restore on the copy (the shared demo data is never modified)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+import xxhash
+import yaml
+from PIL import Image
+
+from curation_assets.assets.apply import apply_job_name, restore_job_name
+from curation_assets.assets.runs import failure_message, materialize_project, materialize_selection, run_job
+from curation_assets.config import PROJECTS_DIR, deep_merge, load_project_dict
+from curation_assets.core.images import load_rgb
+from curation_assets.definitions import build_definitions
+from curation_assets.resources.store import StoreResource
+
+pytestmark = pytest.mark.xdist_group("demo")
+BUDGET = 120
+
+
+def demo_project(tmp: Path, images: Path, examples: Path, **overrides):
+    """The packaged demo project, pointed at a temp store and a copy of the demo images."""
+    data = yaml.safe_load((PROJECTS_DIR / "demo.yaml").read_text())
+    data = deep_merge(
+        data,
+        {
+            "storage_root": str(tmp / "store"),
+            "dataset": {"roots": {"train": str(images)}},
+            "stages": {
+                "sanitize": {"workers": 2},
+                "quality": {"workers": 1},
+                "example_filters": {"examples_root": str(examples)},
+                # a 240-file pool: ~170 images reach clustering
+                "clustering": {
+                    "levels": [{"n_clusters": 24, "n_samples": 3}, {"n_clusters": 6, "n_samples": 2}],
+                    "n_resamples": 3,
+                },
+                "sampling": {"budget": BUDGET},
+            },
+            "apply": {"backup_root": str(tmp / "backup")},
+        },
+    )
+    return load_project_dict(deep_merge(data, overrides), source="test-demo")
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): xxhash.xxh3_128_hexdigest(p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def run(demo_dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("curation")
+    images = tmp / "images"
+    shutil.copytree(demo_dataset.images_root, images)
+    project = demo_project(tmp, images, demo_dataset.examples_root)
+    defs = build_definitions([project])
+    instance = dg.DagsterInstance.ephemeral()
+    summary = materialize_project(project, defs, instance, echo=lambda _: None)
+    store = StoreResource().for_project(project)
+    truth = pl.read_parquet(demo_dataset.ground_truth_path)
+    decisions = pl.read_parquet(store.global_path("curation_decisions", "curation_decisions.parquet"))
+    filters = pl.read_parquet(store.global_path("filter_decisions", "filter_decisions.parquet"))
+    return {
+        "tmp": tmp,
+        "images": images,
+        "project": project,
+        "defs": defs,
+        "instance": instance,
+        "summary": summary,
+        "store": store,
+        "truth": truth,
+        "decisions": decisions,
+        "filters": filters.join(truth.select("image_id", "kind", "category", "source_id"), on="image_id"),
+    }
+
+
+def check_passed(instance: dg.DagsterInstance, project, asset: str, check: str) -> bool:
+    key = dg.AssetCheckKey(dg.AssetKey([project.name, asset]), check)
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])
+    return bool(records) and all(r.evaluation and r.evaluation.passed for r in records.values())
+
+
+def test_every_stage_ran(run):
+    assert run["summary"].failed == []
+    for asset, check in [
+        ("example_distances", "every_kept_image_has_a_distance_per_category"),
+        ("quality_scores", "every_kept_image_has_a_quality_score"),
+        ("filter_decisions", "one_row_per_kept_image"),
+        ("curated_sample", "sample_size_equals_budget"),
+        ("curated_sample", "no_duplicate_ids_unless_multiplier"),
+        ("curated_sample", "every_sampled_id_is_a_kept_image"),
+        ("curation_decisions", "one_row_per_inventoried_file"),
+        ("curation_decisions", "every_kept_image_is_valid"),
+        ("curation_decisions", "kept_count_equals_the_sample"),
+        ("curated_dataset", "manifest_equals_kept_set"),
+    ]:
+        assert check_passed(run["instance"], run["project"], asset, check), (asset, check)
+
+
+# ----------------------------------------------------------------------------- issue 5: filters
+
+
+def test_unwanted_examples_are_filtered_and_photos_are_not(run):
+    filters = run["filters"]
+    unwanted = filters.filter(pl.col("kind") == "unwanted")
+    assert unwanted.height >= 9
+    by_category = unwanted.filter(
+        pl.col("removed_by").list.contains(pl.format("example:{}", pl.col("category")))
+        | pl.col("removed_by").list.eval(pl.element().str.starts_with("example:")).list.any()
+    )
+    assert by_category.height / unwanted.height >= 0.9, unwanted.select("image_id", "removed_by").to_dicts()
+    photos = filters.filter(pl.col("kind") == "base")
+    example_removed = photos.filter(
+        pl.col("removed_by").list.eval(pl.element().str.starts_with("example:")).list.any()
+    )
+    assert example_removed.height / photos.height <= 0.05
+
+
+@pytest.mark.parametrize(
+    ("issue", "rule"), [("blur", "quality:blur"), ("dark", "quality:dark"), ("bright", "quality:light")]
+)
+def test_planted_quality_defects_are_flagged_and_their_originals_are_not(run, issue, rule):
+    truth = run["truth"]
+    planted = truth.filter((pl.col("kind") == "quality") & (pl.col("quality_issue") == issue))
+    assert planted.height >= 1
+    rows = run["filters"].filter(pl.col("image_id").is_in(planted["image_id"].to_list()))
+    assert rows.height == planted.height
+    assert rows["removed_by"].list.contains(rule).all(), rows.select("image_id", "removed_by").to_dicts()
+    originals = run["filters"].filter(pl.col("image_id").is_in(planted["source_id"].to_list()))
+    assert originals.height >= 1
+    flagged = originals.filter(
+        pl.col("removed_by").list.eval(pl.element().str.starts_with("quality:")).list.any()
+    )
+    assert flagged.is_empty(), flagged.select("image_id", "removed_by").to_dicts()
+
+
+# ----------------------------------------------------------------------------- issue 6: sampling
+
+
+def test_sample_is_exactly_the_budget_of_surviving_images(run):
+    store = run["store"]
+    sample = pl.read_parquet(store.global_path("curated_sample", "curated_sample.parquet"))
+    clusters = pl.read_parquet(store.global_path("hierarchical_clusters", "hierarchical_clusters.parquet"))
+    assert sample.height == BUDGET and sample["image_id"].n_unique() == BUDGET
+    assert set(sample["image_id"]) <= set(clusters["image_id"])
+    survivors = run["decisions"].filter(pl.col("stage").is_null() | (pl.col("stage") == "sampling"))
+    assert set(clusters["image_id"]) == set(survivors["image_id"])
+    assert {"cluster_l1", "cluster_l2", "distance"} <= set(clusters.columns)
+
+
+# ----------------------------------------------------------------------------- issue 7: decisions
+
+
+def test_decisions_match_the_ground_truth(run):
+    decisions = run["decisions"].join(run["truth"], on="image_id", how="left")
+    assert decisions.height == run["truth"].height  # one row per file
+    defects = decisions.filter(pl.col("expected_status") == "rejected")
+    assert (defects["action"] == "remove").all()
+    assert (defects["stage"] == "sanitize").all()
+    for row in defects.iter_rows(named=True):
+        assert {f"sanitize:{r}" for r in row["expected_reasons"]} <= set(row["reasons"]), row["image_id"]
+    copies = decisions.filter(pl.col("kind").is_in(["byte_copy", "pixel_copy"]))
+    for row in copies.iter_rows(named=True):  # the copy or its source goes, as an exact duplicate
+        pair = decisions.filter(pl.col("image_id").is_in([row["image_id"], row["source_id"]]))
+        assert pair["reasons"].list.contains("exact_duplicate").sum() == 1, row["image_id"]
+    near = decisions.filter(pl.col("kind") == "near_duplicate")
+    found = near.filter(
+        pl.col("reasons").list.contains("near_duplicate") | pl.col("reasons").list.contains("exact_duplicate")
+    )
+    pairs_flagged = 0
+    for row in near.iter_rows(named=True):
+        pair = decisions.filter(pl.col("image_id").is_in([row["image_id"], row["source_id"]]))
+        pairs_flagged += int(pair["reasons"].list.contains("near_duplicate").any())
+    assert pairs_flagged / near.height >= 0.8, found.height
+    removed = decisions.filter(pl.col("action") == "remove")
+    assert (removed["explanation"].str.len_chars() > 0).all()
+    kept = decisions.filter(pl.col("action") != "remove")
+    assert kept.height == BUDGET
+    assert (kept["sanitize_status"] != "rejected").all()
+    near_rows = decisions.filter(pl.col("reasons").list.contains("near_duplicate"))
+    assert near_rows["explanation"].str.contains(r"near duplicate of .+ at distance 0\.\d+").any()
+
+
+def test_fixable_images_are_kept_with_their_fixes(run):
+    decisions = run["decisions"]
+    fixable = decisions.filter((pl.col("sanitize_status") == "fixable") & (pl.col("action") != "remove"))
+    assert fixable.height >= 1
+    assert (fixable["action"] == "keep_with_fix").all()
+    assert (fixable["fixes"].list.len() > 0).all()
+
+
+def test_export_links_every_kept_image_and_fixes_orientation(run):
+    store, decisions, truth = run["store"], run["decisions"], run["truth"]
+    root = store.global_path("curated_dataset", "export")
+    manifest = pl.read_parquet(root / "manifest.parquet")
+    kept = decisions.filter(pl.col("action") != "remove")
+    assert set(manifest["image_id"]) == set(kept["image_id"])
+    assert (root / "files.txt").read_text().split() == manifest["image_id"].to_list()
+    for row in manifest.iter_rows(named=True):
+        out = root / "images" / row["export_path"]
+        assert out.is_file(), out
+        with Image.open(out) as im:
+            im.load()
+    turned = manifest.join(truth, on="image_id").filter(pl.col("kind") == "exif_rotated")
+    for row in turned.iter_rows(named=True):
+        out = root / "images" / row["export_path"]
+        with Image.open(out) as im:
+            assert im.size == (row["width"], row["height"])  # upright size
+            assert im.getexif().get(0x0112) in (None, 1)  # no tag left to turn it again
+            exported = np.asarray(im.convert("RGB"), dtype=np.float32)
+        upright = np.asarray(load_rgb(Path(row["source_path"]).read_bytes()), dtype=np.float32)
+        assert np.abs(exported - upright).mean() < 6
+
+
+def test_report_renders_every_section_with_real_numbers(run):
+    report = run["store"].asset_dir("curation_report") / "report.html"
+    html = report.read_text()
+    for heading in ("Funnel", "Near duplicates", "Filters", "Clusters"):
+        assert f">{heading}<" in html, heading
+    kept = run["decisions"].filter(pl.col("action") != "remove").height
+    assert f"{kept:,}" in html
+    assert "example:document" in html and "quality:blur" in html
+    folder = report.parent
+    import re
+
+    linked = re.findall(r'src="((?:plots|thumbs)/[^"]+)"', html)
+    assert any(p.startswith("plots/") for p in linked) and any(p.startswith("thumbs/") for p in linked)
+    for rel in linked:
+        with Image.open(folder / rel) as im:
+            im.load()
+
+
+# ----------------------------------------------------------------------------- issue 7: apply / restore
+
+
+def test_apply_refuses_without_confirm_and_a_backup_inside_the_dataset(run):
+    defs, instance, project = run["defs"], run["instance"], run["project"]
+    before = tree_hashes(run["images"])
+    result = run_job(defs, instance, apply_job_name(project))
+    assert not result.success and "confirm" in failure_message(result)
+    inside = project.model_copy(
+        update={"apply": project.apply.model_copy(update={"backup_root": str(run["images"] / "backup")})}
+    )
+    result = run_job(
+        build_definitions([inside]),
+        instance,
+        apply_job_name(inside),
+        {"ops": {f"{project.name}_apply": {"config": {"confirm": True}}}},
+    )
+    assert not result.success and "inside" in failure_message(result)
+    assert tree_hashes(run["images"]) == before
+
+
+def test_apply_then_restore_gives_back_a_bit_identical_tree(run):
+    defs, instance, project, images = run["defs"], run["instance"], run["project"], run["images"]
+    before = tree_hashes(images)
+    confirm = {"ops": {f"{project.name}_apply": {"config": {"confirm": True}}}}
+    result = run_job(defs, instance, apply_job_name(project), confirm)
+    assert result.success, failure_message(result)
+    decisions = run["decisions"]
+    moved = decisions.filter(
+        (pl.col("action") == "remove")
+        & (pl.col("stage") != "sampling")
+        & ~pl.col("reasons").list.contains("sanitize:not_an_image")
+    )
+    after = tree_hashes(images)
+    backup = Path(project.apply.backup_root)
+    for rel in moved["root_path"]:
+        assert rel not in after
+        assert (backup / "train" / rel).is_file()
+    # nothing lost: every original is in place or in the backup, byte for byte
+    backed = tree_hashes(backup / "train")
+    for rel, digest in before.items():
+        assert after.get(rel) == digest or backed.get(rel) == digest, rel
+    result = run_job(defs, instance, restore_job_name(project))
+    assert result.success, failure_message(result)
+    assert tree_hashes(images) == before
+
+
+# ----------------------------------------------------------------------------- threshold change (last: it
+# changes filter_decisions in the store)
+
+
+def test_changing_one_threshold_touches_only_the_decision_asset(run):
+    store, project, instance = run["store"], run["project"], run["instance"]
+    scores = {
+        p: p.stat().st_mtime_ns
+        for a in ("example_distances", "quality_scores")
+        for p in store.asset_dir(a).glob("*.parquet")
+    }
+    records_before = {
+        a: len(instance.fetch_materializations(dg.AssetKey([project.name, a]), limit=100).records)
+        for a in ("example_distances", "quality_scores", "filter_decisions")
+    }
+    changed = demo_project(
+        run["tmp"],
+        run["images"],
+        Path(project.stages.example_filters.examples_root),
+        stages={"example_filters": {"categories": {"document": {"threshold": 0.0}}}},
+    )
+    summary = materialize_selection(
+        changed, build_definitions([changed]), instance, ["filter_decisions"], echo=lambda _: None
+    )
+    assert summary.failed == []
+    after = pl.read_parquet(store.global_path("filter_decisions", "filter_decisions.parquet"))
+    assert not after["removed_by"].list.contains("example:document").any()
+    assert run["filters"]["removed_by"].list.contains("example:document").any()
+    assert {p: p.stat().st_mtime_ns for p in scores} == scores
+    records_after = {
+        a: len(instance.fetch_materializations(dg.AssetKey([project.name, a]), limit=100).records)
+        for a in records_before
+    }
+    assert records_after["filter_decisions"] == records_before["filter_decisions"] + 1
+    assert records_after["example_distances"] == records_before["example_distances"]
+    assert records_after["quality_scores"] == records_before["quality_scores"]

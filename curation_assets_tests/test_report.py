@@ -1,0 +1,331 @@
+"""The HTML curation report: sections with real numbers, linked files that open, no crash on bad images."""
+
+from __future__ import annotations
+
+import html
+import re
+import tarfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation_assets.core.report import (
+    ClusterSection,
+    DuplicateGroupExample,
+    FilterSection,
+    FunnelStep,
+    ImageLoc,
+    ReportData,
+    RotationExample,
+    render_report,
+    select_threshold_examples,
+    steps_from_funnel,
+)
+from curation_assets_tests.conftest import write_photo
+
+HEADINGS = ["Funnel", "Near duplicates", "Filters", "Rotation", "Clusters"]
+
+
+class _Links(HTMLParser):
+    """Image links, placeholders and h2 headings of the page, by section id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section = ""
+        self.images: list[tuple[str, str]] = []  # (section, src)
+        self.placeholders: list[tuple[str, str]] = []  # (section, title)
+        self.headings: list[str] = []
+        self._in_h2 = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "section":
+            self.section = attr.get("id") or ""
+        elif tag == "img":
+            self.images.append((self.section, attr["src"] or ""))
+        elif tag == "div" and attr.get("class") == "placeholder":
+            self.placeholders.append((self.section, attr.get("title") or ""))
+        elif tag == "h2":
+            self._in_h2 = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self._in_h2 = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_h2:
+            self.headings.append(data.strip())
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _text(path: Path) -> str:
+    """The page as a reader sees it (entities decoded), for number checks."""
+    return html.unescape(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[ImageLoc]:
+    """Ten small landscape JPEGs (160x120)."""
+    return [
+        ImageLoc(f"shard0/img_{i:02d}.jpg", str(write_photo(tmp_path / "src" / f"img_{i:02d}.jpg", i)))
+        for i in range(10)
+    ]
+
+
+def _full_data(images: list[ImageLoc], rng: np.random.Generator) -> ReportData:
+    funnel = steps_from_funnel(
+        [
+            ("images in", 5_908_775),
+            ("after sanitize", 5_851_002),
+            ("after exact duplicates", 5_700_113),
+            ("after near duplicates", 4_993_874),
+            ("after sampling", 3_000_000),
+        ]
+    )
+    aesthetic = rng.normal(5.0, 1.0, size=500)
+    aesthetic[:3] = np.nan  # unscored images must not break the statistics
+    ids = list(range(500))
+    below, above = select_threshold_examples(ids, aesthetic, 4.5, n=3)
+    pick = {i: images[k % len(images)] for k, (i, _) in enumerate(below + above)}
+    return ReportData(
+        project="demo",
+        funnel=funnel,
+        near_dup_distances=rng.uniform(0.0, 0.3, size=400),
+        near_dup_threshold=0.08,
+        duplicate_groups=[
+            DuplicateGroupExample(images[0], [(images[1], 0.0123), (images[2], 0.0456)]),
+            DuplicateGroupExample(images[3], [(images[4], 0.0789)]),
+        ],
+        filters=[
+            FilterSection(
+                name="aesthetic",
+                values=aesthetic,
+                threshold=4.5,
+                removes="below",
+                below=[(pick[i], v) for i, v in below],
+                above=[(pick[i], v) for i, v in above],
+            ),
+            FilterSection(
+                name="maps and charts",
+                values=rng.uniform(0.0, 1.0, size=300),
+                threshold=0.9,
+                removes="above",
+                above=[(images[5], 0.9311)],
+            ),
+        ],
+        rotations=[RotationExample(images[6], 90, 0.9871)],
+        clusters=ClusterSection(
+            samples_per_cluster={0: 25, 1: 25, 2: 7},
+            sizes={0: 310, 1: 120, 2: 7},
+            examples={0: images[:3], 1: images[3:6], 2: [images[7]]},
+        ),
+        notes={"clusters": "two-level hierarchical k-means", "rotation": "model rot4, tol 0.9"},
+    )
+
+
+def test_every_section_shows_the_numbers_it_was_given(tmp_path: Path, images: list[ImageLoc]) -> None:
+    data = _full_data(images, np.random.default_rng(0))
+    calls: list[tuple[int, int]] = []
+    files = render_report(data, tmp_path / "report", progress=lambda done, total: calls.append((done, total)))
+    page = _parse(files.html)
+    text = _text(files.html)
+
+    assert [h for h in page.headings if h in HEADINGS] == HEADINGS
+    assert files.sections == HEADINGS and files.stages_off == []
+    # The funnel the way the walkthroughs tell it, and the per-stage removals.
+    assert "5,908,775 → 5,851,002 → 5,700,113 → 4,993,874 → 3,000,000" in text
+    assert "1,993,874" in text  # removed by sampling
+    assert "50.8%" in text  # 3,000,000 of 5,908,775 kept
+    # Near duplicates: pair count, pairs under the threshold, member distances.
+    under = int((data.near_dup_distances < 0.08).sum())
+    assert "400 candidate pairs" in text and f"{under} pairs under it" in text
+    assert "threshold 0.08" in text
+    for distance in ("0.0123", "0.0456", "0.0789"):
+        assert f"d = {distance}" in text
+    # Filters: removed counts computed from the scores, the scores of the edge images.
+    aesthetic = data.filters[0].values
+    removed = int((aesthetic[np.isfinite(aesthetic)] < 4.5).sum())
+    assert "497 images scored" in text and f"{removed} removed" in text and "3 without a score" in text
+    maps = data.filters[1].values
+    assert f"{int((maps > 0.9).sum())} removed" in text
+    printed = [float(x) for x in re.findall(r"score (-?[0-9.]+(?:e[-+]?[0-9]+)?)", text)]
+    for _, score in data.filters[0].below + data.filters[0].above:
+        assert any(abs(p - score) <= 1e-3 * abs(score) for p in printed)
+    assert "score 0.9311" in text
+    # Rotation and clusters.
+    assert "p = 0.987" in text and "turned back 90°" in text
+    assert "3 clusters" in text and "57 images sampled" in text and "437 images clustered" in text
+    assert "cluster 0: 310 images, 25 sampled" in text and "1 cluster taken whole" in text
+    # Notes land in their sections.
+    assert "two-level hierarchical k-means" in text and "model rot4, tol 0.9" in text
+    # Progress counts every distinct thumbnail once, ending at the total.
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] == files.thumbnails
+
+
+def test_every_linked_file_exists_and_opens(tmp_path: Path, images: list[ImageLoc]) -> None:
+    out = tmp_path / "report"
+    files = render_report(_full_data(images, np.random.default_rng(1)), out, thumb_side=64)
+    page = _parse(files.html)
+    sources = {src for _, src in page.images}
+    plots = {src for src in sources if src.startswith("plots/")}
+    thumbs = sources - plots
+
+    assert {out / src for src in plots} == set(files.plots.values())
+    assert set(files.plots) == {
+        "funnel",
+        "near_duplicates",
+        "filter:aesthetic",
+        "filter:maps and charts",
+        "clusters",
+    }
+    assert all(src.startswith("thumbs/") for src in thumbs)  # relative links, never the originals
+    assert len(thumbs) == files.thumbnails == len(list((out / "thumbs").glob("*.jpg")))
+    for src in sources:
+        with Image.open(out / src) as im:
+            im.load()
+    for src in thumbs:
+        with Image.open(out / src) as im:
+            assert max(im.size) <= 64 and im.format == "JPEG"
+    # Each section links the images of its own examples.
+    by_section = {section for section, src in page.images if src.startswith("thumbs/")}
+    assert by_section == {"near_duplicates", "filters", "rotation", "clusters"}
+
+
+def test_unreadable_images_become_placeholders(tmp_path: Path, images: list[ImageLoc]) -> None:
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    missing = ImageLoc("shard0/missing.jpg", str(tmp_path / "nope.jpg"))
+    broken = ImageLoc("shard0/corrupt.jpg", str(corrupt))
+    past_end = ImageLoc("shard1/member.jpg", str(images[0].source_path), offset=10**6, size_bytes=500)
+    data = ReportData(
+        project="p",
+        funnel=[FunnelStep("sanitize", 10, 3, 7)],
+        duplicate_groups=[DuplicateGroupExample(images[0], [(missing, 0.01), (broken, 0.02)])],
+        clusters=ClusterSection(np.array([2, 1]), examples={0: [past_end, images[1]], 1: [images[2]]}),
+    )
+    files = render_report(data, tmp_path / "report")
+    page = _parse(files.html)
+
+    titles = {title.split(":")[0]: title for _, title in page.placeholders}
+    assert set(titles) == {"shard0/missing.jpg", "shard0/corrupt.jpg", "shard1/member.jpg"}
+    assert "FileNotFoundError" in titles["shard0/missing.jpg"]
+    assert "cannot" in titles["shard0/corrupt.jpg"] and "short read" in titles["shard1/member.jpg"]
+    assert {image_id for image_id, _ in files.broken_thumbnails} == set(titles)
+    assert files.thumbnails == 3  # the readable ones still render
+    assert "3 example images could not be read" in _text(files.html)
+
+
+def test_rotation_before_after_and_exif_are_shown_upright(tmp_path: Path, images: list[ImageLoc]) -> None:
+    # A landscape picture stored sideways through EXIF: viewers (and the report) show it portrait.
+    exif_path = tmp_path / "exif.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(images[0].source_path).save(exif_path, exif=exif)
+    # A 160x120 tar member whose pixels are turned 90° clockwise.
+    tar_path = tmp_path / "shard.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(images[1].source_path, arcname="inner/turned.jpg")
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember("inner/turned.jpg")
+    in_tar = ImageLoc("shard.tar/inner/turned.jpg", str(tar_path), member.offset_data, member.size)
+    data = ReportData(
+        project="p",
+        funnel=[FunnelStep("sanitize", 2, 0, 2)],
+        rotations=[RotationExample(in_tar, 90, 0.99)],
+        clusters=ClusterSection({0: 2}, examples={0: [ImageLoc("exif", str(exif_path)), images[2]]}),
+    )
+    out = tmp_path / "report"
+    files = render_report(data, out, thumb_side=80)
+    page = _parse(files.html)
+
+    rotation = [src for section, src in page.images if section == "rotation"]
+    sizes = [Image.open(out / src).size for src in rotation]
+    assert sizes == [(80, 60), (60, 80)]  # before: stored landscape; after: corrected portrait
+    clusters = [src for section, src in page.images if section == "clusters" and src.startswith("thumbs/")]
+    assert [Image.open(out / src).size for src in clusters] == [(60, 80), (80, 60)]
+
+
+def test_stages_that_are_off_say_so(tmp_path: Path) -> None:
+    data = ReportData(project="tol10m", funnel=[FunnelStep("sanitize", 1_000, 12, 988)])
+    files = render_report(data, tmp_path / "report")
+    text = _text(files.html)
+
+    assert files.sections == ["Funnel"]
+    assert files.stages_off == ["Near duplicates", "Filters", "Rotation", "Clusters"]
+    for title in files.stages_off:
+        assert f"{title}: off in this project." in text
+    assert set(files.plots) == {"funnel"} and files.thumbnails == 0
+    assert "1,000 → 988" in text
+    # An empty rotation list is a stage that ran and found nothing, not a stage that is off.
+    data.rotations = []
+    files = render_report(data, tmp_path / "report2")
+    assert "Rotation" in files.sections and "No rotated images found." in _text(files.html)
+
+
+def test_a_score_just_under_the_threshold_does_not_print_as_the_threshold(
+    tmp_path: Path, images: list[ImageLoc]
+) -> None:
+    section = FilterSection(
+        "aesthetic",
+        np.array([4.49996, 4.5]),
+        4.5,
+        "below",
+        below=[(images[0], 4.49996)],
+        above=[(images[1], 4.5)],
+    )
+    files = render_report(
+        ReportData("p", [FunnelStep("aesthetic", 2, 1, 1)], filters=[section]), tmp_path / "r"
+    )
+    text = _text(files.html)
+    assert "removed</span>score 4.49996" in text and "kept</span>score 4.5<" in text
+
+
+def test_text_is_escaped(tmp_path: Path, images: list[ImageLoc]) -> None:
+    evil = "<script>alert(1)</script>"
+    loc = ImageLoc(f"shard0/{evil}.jpg", images[0].source_path)
+    data = ReportData(
+        project=evil,
+        funnel=[FunnelStep(evil, 5, 1, 4)],
+        filters=[FilterSection(evil, np.array([0.1, 0.9]), 0.5, "below", below=[(loc, 0.1)])],
+        notes={evil: evil},
+    )
+    files = render_report(data, tmp_path / "report")
+    raw = files.html.read_text(encoding="utf-8")
+    assert "<script>" not in raw and "&lt;script&gt;" in raw
+
+
+def test_select_threshold_examples_takes_the_nearest_on_each_side() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.uniform(0.0, 10.0, size=2_000)
+    values[::97] = np.nan
+    ids = [f"img{i}" for i in range(len(values))]
+    below, above = select_threshold_examples(ids, values, 6.0, n=5)
+
+    finite = values[np.isfinite(values)]
+    assert [v for _, v in below] == sorted(finite[finite < 6.0])[-5:]
+    assert [v for _, v in above] == sorted(finite[finite >= 6.0])[:5]
+    assert all(values[int(i[3:])] == v for i, v in below + above)  # ids stay aligned with scores
+    # Fewer candidates than asked for: all of them, nothing invented.
+    small_below, small_above = select_threshold_examples(["a", "b", "c"], np.array([1.0, 2.0, 3.0]), 2.0, n=8)
+    assert small_below == [("a", 1.0)] and small_above == [("b", 2.0), ("c", 3.0)]
+    with pytest.raises(ValueError, match="differ in length"):
+        select_threshold_examples(["a"], np.array([1.0, 2.0]), 1.5)
+
+
+def test_bad_input_gets_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="removes must be one of"):
+        FilterSection("aesthetic", np.zeros(3), 0.5, "sideways")
+    with pytest.raises(ValueError, match="kept"):
+        FunnelStep("sanitize", 10, 3, 8)
+    with pytest.raises(ValueError, match="at least one step"):
+        ReportData(project="p", funnel=[])
+    with pytest.raises(ValueError, match="rotate must be one of"):
+        ImageLoc("a", "a.jpg", rotate=45)
