@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from curation_assets.core import kmeans as kmeans_module
 from curation_assets.core.kmeans import Hierarchy, Level, assign, hierarchical_kmeans, kmeans
 
 
@@ -94,6 +95,26 @@ def test_backends_agree_on_separated_data():
         np.testing.assert_array_equal(result.assignment, reference.assignment, err_msg=backend)
         np.testing.assert_allclose(result.centroids, reference.centroids, atol=1e-5, err_msg=backend)
         np.testing.assert_allclose(result.distances, reference.distances, atol=1e-5, err_msg=backend)
+
+
+@pytest.mark.parametrize(
+    ("dim", "metric", "backend"), [(2, "l2", "auto"), (16, "cosine", "torch"), (16, "l2", "torch")]
+)
+def test_torch_code_path_matches_numpy(monkeypatch, dim, metric, backend):
+    # the CUDA code path (torch arrays) run on the CPU: same clustering as the numpy path
+    x, labels = blobs([120, 60, 30, 15], dim=dim, seed=8, spread=0.2, unit=False)
+    options = {"n_resamples": 2, "metric": metric, "seed": 1, "backend": backend}
+    reference = hierarchical_kmeans(x, [Level(12, 3), Level(4)], **options)
+    monkeypatch.setattr(kmeans_module, "_TORCH_ON_CPU", True)
+    on_torch = hierarchical_kmeans(x, [Level(12, 3), Level(4)], **options)
+    streamed = kmeans(x, 4, metric=metric, seed=2, backend=backend, chunk_size=50, max_cache_bytes=0)
+    monkeypatch.setattr(kmeans_module, "_TORCH_ON_CPU", False)
+    for got, want in zip(on_torch.levels, reference.levels, strict=True):
+        np.testing.assert_array_equal(got.assignment, want.assignment)
+        np.testing.assert_allclose(got.centroids, want.centroids, atol=1e-5)
+        np.testing.assert_allclose(got.distances, want.distances, atol=1e-5)
+    assert same_partition(streamed.assignment, labels)
+    np.testing.assert_array_equal(streamed.assignment, kmeans(x, 4, metric=metric, seed=2).assignment)
 
 
 def test_float16_memmap_input_is_streamed(tmp_path: Path):

@@ -121,7 +121,7 @@ def hierarchical_sample(
         quota = _split_down(quota, hierarchy.levels[t].assignment, counts[t - 1], rng, multiplier)
 
     # leaves: members ranked by a random key or by distance to their centroid (ties by index)
-    key = rng.random(n) if strategy == "random" else hierarchy.levels[0].distances
+    key = rng.random(n) if strategy == "random" else hierarchy.point_distances()
     order = np.lexsort((np.arange(n), key, leaf))
     sizes = counts[0]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
