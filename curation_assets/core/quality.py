@@ -19,10 +19,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -33,6 +31,7 @@ from scipy import ndimage
 
 from curation_assets.core.filters import FilterRule
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
+from curation_assets.core.pool import isolate, run_chunks
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.decode import ImageRef
@@ -252,56 +251,25 @@ def _run_pool(
     chunks: Sequence[Chunk], workers: int, finished: Callable[[int, list[dict[str, Any]]], None]
 ) -> list[Chunk]:
     """Score chunks in a pool with bounded submission; return the chunks lost to a broken pool."""
-    pending = deque(chunks)
-    lost: list[Chunk] = []
-    in_flight = 4 * workers
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
-    try:
-        running: dict[Future[list[dict[str, Any]]], Chunk] = {}
-        broken = False
-        while running or (pending and not broken):
-            while pending and not broken and len(running) < in_flight:
-                chunk = pending.popleft()
-                try:
-                    running[pool.submit(_score_chunk, chunk[1])] = chunk
-                except (BrokenProcessPool, RuntimeError):
-                    lost.append(chunk)
-                    broken = True
-            if not running:
-                break
-            done_now, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done_now:
-                chunk = running.pop(future)
-                try:
-                    chunk_rows = future.result()
-                except BrokenProcessPool:
-                    lost.append(chunk)
-                    broken = True
-                    continue
-                except Exception as exc:  # e.g. a row that would not pickle: blame the task, go on
-                    chunk_rows = [_empty_row(ref.image_id, describe_error(exc)) for ref in chunk[1]]
-                finished(chunk[0], chunk_rows)
-    finally:
-        pool.shutdown(wait=not lost, cancel_futures=True)
-    lost.extend(pending)
-    return sorted(lost, key=lambda chunk: chunk[0])
+
+    def release(broken: bool) -> None:
+        pool.shutdown(wait=not broken, cancel_futures=True)
+
+    return run_chunks(pool, _score_chunk, (), chunks, 4 * workers, finished, _error_row, release)
+
+
+def _error_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, describe_error(exc))
+
+
+def _died_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, "the worker process died scoring this image")
 
 
 def _isolate(lost: Sequence[Chunk], finished: Callable[[int, list[dict[str, Any]]], None]) -> None:
     """Score the images of lost chunks one at a time in a one-worker pool, replacing it when it dies."""
-    queue = deque((start + k, ref) for start, part in lost for k, ref in enumerate(part))
-    while queue:
-        with ProcessPoolExecutor(max_workers=1, mp_context=_pool_context()) as pool:
-            while queue:
-                index, ref = queue.popleft()
-                try:
-                    chunk_rows = pool.submit(_score_chunk, (ref,)).result()
-                except BrokenProcessPool:
-                    finished(index, [_empty_row(ref.image_id, "the worker process died scoring this image")])
-                    break  # this pool is broken: the next image gets a fresh one
-                except Exception as exc:
-                    chunk_rows = [_empty_row(ref.image_id, describe_error(exc))]
-                finished(index, chunk_rows)
+    isolate(lost, _pool_context(), _score_chunk, (), finished, _error_row, _died_row)
 
 
 # ----------------------------------------------------------------------------- the checks

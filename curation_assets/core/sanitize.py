@@ -25,10 +25,8 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -55,6 +53,7 @@ from curation_assets.core.images import (
     normalize_image,
     read_bytes,
 )
+from curation_assets.core.pool import isolate, run_chunks
 from curation_assets.core.reasons import ALWAYS_REJECT, FIX_ORDER, Fix, Reason, Severity, status_of
 
 if TYPE_CHECKING:
@@ -775,43 +774,21 @@ def _run_pool(
     finished: Callable[[int, list[dict[str, Any]]], None],
 ) -> list[Chunk]:
     """Run chunks in the shared pool with bounded submission; return the chunks lost to a broken pool."""
-    pending = deque(chunks)
-    lost: list[Chunk] = []
     pool = _shared_pool(workers)
-    try:
-        running: dict[Future[list[dict[str, Any]]], Chunk] = {}
-        broken = False
-        while running or (pending and not broken):
-            while pending and not broken and len(running) < in_flight:
-                chunk = pending.popleft()
-                try:
-                    running[pool.submit(_check_chunk, chunk[1], rules)] = chunk
-                except (BrokenProcessPool, RuntimeError):  # RuntimeError: shut down meanwhile
-                    lost.append(chunk)
-                    broken = True
-            if not running:
-                break
-            done_now, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done_now:
-                chunk = running.pop(future)
-                try:
-                    chunk_rows = future.result()
-                except BrokenProcessPool:
-                    lost.append(chunk)
-                    broken = True
-                    continue
-                except Exception as exc:  # e.g. a result that would not pickle: blame the task
-                    rows = [
-                        _failed_row(item, "the worker could not return this row", exc) for item in chunk[1]
-                    ]
-                    finished(chunk[0], rows)
-                    continue
-                finished(chunk[0], chunk_rows)
-    finally:
-        if lost:  # a worker died: this pool is broken for good
+
+    def release(broken: bool) -> None:
+        if broken:  # a worker died: this pool is broken for good
             _drop_pool(workers, pool)
-    lost.extend(pending)
-    return sorted(lost, key=lambda chunk: chunk[0])
+
+    return run_chunks(pool, _check_chunk, (rules,), chunks, in_flight, finished, _unreturned_row, release)
+
+
+def _unreturned_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
+    return _failed_row(item, "the worker could not return this row", exc)
+
+
+def _died_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
+    return _failed_row(item, "the worker process died while checking this file", exc)
 
 
 def _isolate(
@@ -823,22 +800,4 @@ def _isolate(
     found by running each file alone: the one that breaks the pool again is blamed
     (``decode_error``) and a fresh worker takes the next file.
     """
-    queue = deque((start + offset, item) for start, part in lost for offset, item in enumerate(part))
-    while queue:
-        with ProcessPoolExecutor(max_workers=1, mp_context=_pool_context()) as pool:
-            while queue:
-                index, item = queue[0]
-                try:
-                    chunk_rows = pool.submit(_check_chunk, (item,), rules).result()
-                except BrokenProcessPool as exc:
-                    queue.popleft()
-                    finished(
-                        index, [_failed_row(item, "the worker process died while checking this file", exc)]
-                    )
-                    break  # this pool is broken: the next file gets a fresh one
-                except Exception as exc:
-                    queue.popleft()
-                    finished(index, [_failed_row(item, "the worker could not return this row", exc)])
-                    continue
-                queue.popleft()
-                finished(index, chunk_rows)
+    isolate(lost, _pool_context(), _check_chunk, (rules,), finished, _unreturned_row, _died_row)
