@@ -54,11 +54,12 @@ class Locator:
 
 
 def funnel_steps(decisions: pl.DataFrame, stages: list[str]) -> list[FunnelStep]:
+    # the renderer shows the first step's input as "input": the steps start after it
     rows = decision_funnel(decisions, stages)
-    steps = [FunnelStep("images in", rows[0]["left"], 0, rows[0]["left"])]
-    for before, row in itertools.pairwise(rows):
-        steps.append(FunnelStep(row["step"], before["left"], row["removed"], row["left"]))
-    return steps
+    return [
+        FunnelStep(row["step"], before["left"], row["removed"], row["left"])
+        for before, row in itertools.pairwise(rows)
+    ]
 
 
 def duplicate_examples(groups: pl.DataFrame, locate: Locator, n: int) -> list[DuplicateGroupExample]:
@@ -75,7 +76,8 @@ def duplicate_examples(groups: pl.DataFrame, locate: Locator, n: int) -> list[Du
             DuplicateGroupExample(
                 keeper=locate(keeper),
                 members=[
-                    (locate(i), float(d) if d is not None else float("nan"))
+                    # 1 - cos of identical vectors can come out a hair below 0 in float32
+                    (locate(i), max(float(d), 0.0) if d is not None else float("nan"))
                     for i, d in members.select("image_id", "distance").iter_rows()
                 ],
             )
@@ -150,7 +152,8 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
         pairs = store.global_path(PAIRS, f"{PAIRS}.parquet")
         groups = store.global_path(GROUPS, f"{GROUPS}.parquet")
         if pairs.is_file():
-            data.near_dup_distances = pl.read_parquet(pairs, columns=["distance"])["distance"].to_numpy()
+            distances = pl.read_parquet(pairs, columns=["distance"])["distance"].to_numpy()
+            data.near_dup_distances = np.clip(distances, 0.0, 2.0)
         data.near_dup_threshold = project.stages.near_dedup.threshold
         if groups.is_file():
             data.duplicate_groups = duplicate_examples(pl.read_parquet(groups), locate, n)
