@@ -17,6 +17,7 @@ forkserver workers can import it), their pool, and their failure rows.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
@@ -31,6 +32,32 @@ Chunk = tuple[int, tuple[Item, ...]]  # (index of the first item, items)
 Worker = Callable[..., list[Row]]  # worker(items, *args) -> one row per item
 OnRows = Callable[[int, list[Row]], None]  # on_rows(index of the first item, rows)
 FailedRow = Callable[[Item, BaseException], Row]  # a row for an item whose task failed
+Progress = Callable[[int, int, float], None]  # progress(done, total, items_per_second)
+
+
+def split_chunks(items: Sequence[Item], chunk_size: int) -> list[Chunk]:
+    """Consecutive tasks of ``chunk_size`` items, each tagged with the index of its first item."""
+    size = max(1, int(chunk_size))
+    return [(start, tuple(items[start : start + size])) for start in range(0, len(items), size)]
+
+
+class OrderedRows:
+    """Collects chunk rows in item order as tasks finish (in any order), reporting progress.
+
+    Pass the instance as ``on_rows``; ``rows`` holds one row per item once every chunk is in.
+    """
+
+    def __init__(self, total: int, progress: Progress | None = None):
+        self.rows: list[Any] = [None] * total
+        self.total, self.done, self.progress = total, 0, progress
+        self.started = time.perf_counter()
+
+    def __call__(self, start: int, chunk_rows: list[Any]) -> None:
+        self.rows[start : start + len(chunk_rows)] = chunk_rows
+        self.done += len(chunk_rows)
+        if self.progress is not None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.progress(self.done, self.total, self.done / elapsed)
 
 
 def run_chunks(

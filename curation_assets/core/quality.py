@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from scipy import ndimage
 
 from curation_assets.core.filters import FilterRule
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.pool import isolate, run_chunks
+from curation_assets.core.pool import OrderedRows, isolate, run_chunks, split_chunks
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.decode import ImageRef
@@ -221,20 +220,9 @@ def score_images(
     images_per_second)`` is called after each task.
     """
     refs = [_Ref(r.image_id, r.source_path, r.offset, r.size, r.width, r.height) for r in refs]
-    total = len(refs)
-    rows: list[dict[str, Any] | None] = [None] * total
-    chunk_size = max(1, int(chunk_size))
-    chunks: list[Chunk] = [(s, tuple(refs[s : s + chunk_size])) for s in range(0, total, chunk_size)]
+    chunks: list[Chunk] = split_chunks(refs, chunk_size)
     workers = int(workers) if workers > 0 else _cpu_count()
-    started = time.perf_counter()
-    done = 0
-
-    def finished(start: int, chunk_rows: list[dict[str, Any]]) -> None:
-        nonlocal done
-        rows[start : start + len(chunk_rows)] = chunk_rows
-        done += len(chunk_rows)
-        if progress is not None:
-            progress(done, total, done / max(time.perf_counter() - started, 1e-9))
+    finished = OrderedRows(len(refs), progress)
 
     # A daemonic process (a multiprocessing pool's worker) may not start children.
     if workers <= 1 or len(chunks) <= 1 or multiprocessing.current_process().daemon:
@@ -244,7 +232,7 @@ def score_images(
         lost = _run_pool(chunks, min(workers, len(chunks)), finished)
         if lost:
             _isolate(lost, finished)
-    return pl.DataFrame(rows, schema=QUALITY_COLUMNS)
+    return pl.DataFrame(finished.rows, schema=QUALITY_COLUMNS)
 
 
 def _run_pool(

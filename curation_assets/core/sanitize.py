@@ -24,7 +24,6 @@ import io
 import multiprocessing
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ from curation_assets.core.images import (
     normalize_image,
     read_bytes,
 )
-from curation_assets.core.pool import isolate, run_chunks
+from curation_assets.core.pool import OrderedRows, isolate, run_chunks, split_chunks
 from curation_assets.core.reasons import ALWAYS_REJECT, FIX_ORDER, Fix, Reason, Severity, status_of
 
 if TYPE_CHECKING:
@@ -733,26 +732,13 @@ def sanitize_items(
     if total == 0:
         return []
     plain = _plain_rules(rules)
-    chunk_size = max(1, int(getattr(rules, "chunk_size", 16)))
-    chunks: list[Chunk] = [
-        (start, tuple(items[start : start + chunk_size])) for start in range(0, total, chunk_size)
-    ]
+    chunks: list[Chunk] = split_chunks(items, getattr(rules, "chunk_size", 16))
     # The pool is sized (and kept, see _shared_pool) by the configured count; a shard of
     # few chunks simply leaves some workers idle.
     workers = int(getattr(rules, "workers", 0)) or os.cpu_count() or 1
     in_flight = workers * max(1, int(getattr(rules, "max_in_flight", 4)))
 
-    rows: list[dict[str, Any] | None] = [None] * total
-    started = time.perf_counter()
-    done = 0
-
-    def finished(start: int, chunk_rows: list[dict[str, Any]]) -> None:
-        nonlocal done
-        rows[start : start + len(chunk_rows)] = chunk_rows
-        done += len(chunk_rows)
-        if progress is not None:
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            progress(done, total, done / elapsed)
+    finished = OrderedRows(total, progress)
 
     # A daemonic process (e.g. a multiprocessing pool's worker) may not start children.
     if workers <= 1 or len(chunks) <= 1 or multiprocessing.current_process().daemon:
@@ -762,8 +748,8 @@ def sanitize_items(
         lost = _run_pool(chunks, plain, workers, in_flight, finished)
         if lost:
             _isolate(lost, plain, finished)
-    assert all(row is not None for row in rows)
-    return rows  # type: ignore[return-value]
+    assert all(row is not None for row in finished.rows)
+    return finished.rows
 
 
 def _run_pool(
