@@ -328,7 +328,7 @@ def test_caption_filter_keeps_captions_that_match_their_class(
     class Loaded:
         encode_text = _WordEncoder(demo.classes)
 
-    monkeypatch.setattr(subsets_asset, "load_model", lambda *args, **kwargs: Loaded())
+    monkeypatch.setattr(subsets_asset, "load_project_model", lambda *args, **kwargs: Loaded())
     result = materialize_selection(project, defs, instance, ["class_subsets"], echo=lambda _: None)
     assert result.failed == []
     subset = pl.read_parquet(store.global_path("class_subsets", "all_classes.parquet"))

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name
+from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
 from curation_assets.assets.embeddings import SEMANTIC_EMBEDDINGS, model_stamp
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.assets.shard_scores import (
@@ -24,7 +24,7 @@ from curation_assets.assets.shard_scores import (
 )
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed import ComputeSettings, embed_images
-from curation_assets.core.models import LoadedModel, ModelFileError, ModelLoadError, load_model
+from curation_assets.core.models import LoadedModel
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -36,13 +36,6 @@ SCORE_BATCH = 4096
 def reuses_semantic_vectors(project: ProjectConfig) -> bool:
     embeddings = project.stages.embeddings
     return embeddings.enabled and embeddings.semantic_model == project.stages.aesthetic.clip_model
-
-
-def _load(project: ProjectConfig, name: str, device: torch.device) -> LoadedModel:
-    try:
-        return load_model(name, project.models[name], allow_download=project.allow_download, device=device)
-    except (ModelFileError, ModelLoadError) as exc:
-        raise dg.Failure(str(exc)) from None
 
 
 def score_vectors(mlp: LoadedModel, vectors: np.ndarray, device: torch.device) -> np.ndarray:
@@ -61,7 +54,7 @@ def clip_vectors(
 ) -> tuple[pl.DataFrame, np.ndarray]:
     if reuses_semantic_vectors(project):
         return semantic_vectors(store, shard)
-    clip = _load(project, project.stages.aesthetic.clip_model, settings.device)
+    clip = load_project_model(project, project.stages.aesthetic.clip_model, settings.device)
     kept, refs = kept_refs(store, shard)
     rate = RateLogger(log, f"aesthetic CLIP {shard}")
     result = embed_images(clip.module, clip.preprocessing, clip.dim, refs, settings, progress=rate)
@@ -116,7 +109,7 @@ def build_aesthetic_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
         signature = aesthetic_signature(project, project_store, shard)
 
         def compute_scores() -> tuple[pl.DataFrame, dict]:
-            mlp = _load(project, stage.model, settings.device)
+            mlp = load_project_model(project, stage.model, settings.device)
             ids, vectors = clip_vectors(project, project_store, shard, settings, context.log)
             scores = score_vectors(mlp, vectors, settings.device)
             table = ids.with_columns(aesthetic=pl.Series(np.clip(scores, 0, 10), dtype=pl.Float32))

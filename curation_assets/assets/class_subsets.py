@@ -20,14 +20,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table
+from curation_assets.assets.common import asset_key, group_name, load_project_model, md_table
 from curation_assets.assets.discovery import INVENTORY
 from curation_assets.assets.exact_duplicates import processed_shards
 from curation_assets.assets.labeled_data import all_images, kept, with_labels
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig, SubsetSpec
 from curation_assets.core import subsets as subset_core
-from curation_assets.core.models import ModelFileError, ModelLoadError, load_model
+from curation_assets.core.models import ModelLoadError
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -123,10 +123,7 @@ def caption_mask(project: ProjectConfig, pool: pl.DataFrame, device: str) -> np.
         raise dg.Failure(
             f"{where}.class_definitions: {len(missing)} class(es) have no definition, e.g. {missing[:5]}"
         )
-    try:
-        model = load_model(config.text_model, entry, allow_download=project.allow_download, device=device)
-    except (ModelFileError, ModelLoadError) as exc:
-        raise dg.Failure(str(exc)) from None
+    model = load_project_model(project, config.text_model, device)
     if model.encode_text is None:
         raise dg.Failure(f"{where}.text_model: {config.text_model!r} has no text encoder")
     if pool.is_empty():

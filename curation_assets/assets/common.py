@@ -10,6 +10,7 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.config import ProjectConfig
+from curation_assets.core.models import LoadedModel, ModelFileError, ModelLoadError, load_model
 
 
 def asset_key(project: ProjectConfig, name: str) -> dg.AssetKey:
@@ -20,6 +21,15 @@ def asset_key(project: ProjectConfig, name: str) -> dg.AssetKey:
 def group_name(project: ProjectConfig, stage: str) -> str:
     """Groups are per project and stage, so the UI shows each project's graph by stage."""
     return f"{project.name}_{stage}"
+
+
+def load_project_model(project: ProjectConfig, name: str, device: Any = "cpu") -> LoadedModel:
+    """The project's model ``name``; a missing or unfit file fails the step with the loader's message
+    (it names the models key and the file it expects), not a traceback."""
+    try:
+        return load_model(name, project.models[name], allow_download=project.allow_download, device=device)
+    except (ModelFileError, ModelLoadError) as exc:
+        raise dg.Failure(str(exc)) from None
 
 
 def shard_partitions(project: ProjectConfig) -> dg.DynamicPartitionsDefinition:

@@ -13,13 +13,13 @@ import numpy as np
 import polars as pl
 import xxhash
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name
+from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
 from curation_assets.assets.discovery import INVENTORY
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ModelEntry, ProjectConfig
 from curation_assets.core.decode import ImageRef
 from curation_assets.core.embed import embed_images
-from curation_assets.core.models import ModelFileError, ModelLoadError, check_model_file, load_model
+from curation_assets.core.models import ModelFileError, check_model_file
 from curation_assets.core.reasons import Status
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -147,12 +147,7 @@ def build_embedding_asset(
             )
 
         settings = compute.settings()
-        try:
-            model = load_model(
-                model_name, entry, allow_download=project.allow_download, device=settings.device
-            )
-        except (ModelFileError, ModelLoadError) as exc:
-            raise dg.Failure(str(exc)) from None
+        model = load_project_model(project, model_name, settings.device)
         kept = kept_images(project_store, shard)
         refs = [
             ImageRef(r["image_id"], r["source_path"], r["offset"], r["size_bytes"], r["width"], r["height"])

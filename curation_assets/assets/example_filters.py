@@ -16,7 +16,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
+from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model, md_table
 from curation_assets.assets.embeddings import SEMANTIC_EMBEDDINGS, model_stamp
 from curation_assets.assets.shard_scores import (
     coverage_check,
@@ -37,7 +37,6 @@ from curation_assets.core.examples import (
     vectors_by_category,
 )
 from curation_assets.core.filters import min_cosine_distance
-from curation_assets.core.models import ModelFileError, ModelLoadError, load_model
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -80,11 +79,7 @@ def ensure_example_embeddings(
         return vectors_by_category(ids["category"].to_list(), vectors, examples.categories), meta, False
 
     model_name = project.stages.example_filters.model
-    entry = project.models[model_name]
-    try:
-        model = load_model(model_name, entry, allow_download=project.allow_download, device=settings.device)
-    except (ModelFileError, ModelLoadError) as exc:
-        raise dg.Failure(str(exc)) from None
+    model = load_project_model(project, model_name, settings.device)
     refs, categories, unreadable = example_refs(examples)
     for problem in unreadable:
         log.warning(f"example image skipped: {problem}")

@@ -25,14 +25,20 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import CHECK_ONE_KEEPER, asset_key, group_name, md_table, one_keeper_check
+from curation_assets.assets.common import (
+    CHECK_ONE_KEEPER,
+    asset_key,
+    group_name,
+    load_project_model,
+    md_table,
+    one_keeper_check,
+)
 from curation_assets.assets.embeddings import COPY_EMBEDDINGS
 from curation_assets.assets.exact_duplicates import processed_shards
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.grouping import group_duplicates, sweep_thresholds, threshold_sweep
 from curation_assets.core.index import VectorIndex, choose_kind, dataset_mean, find_pairs, prepare
-from curation_assets.core.models import ModelFileError, ModelLoadError, load_model
 from curation_assets.core.plots import sweep_plot
 from curation_assets.core.vectors import assert_compatible
 from curation_assets.resources.compute import ComputeResource
@@ -62,10 +68,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _expected_identity(project: ProjectConfig) -> dict[str, Any]:
     name = project.stages.near_dedup.model
-    try:
-        return load_model(name, project.models[name], allow_download=project.allow_download).identity
-    except (ModelFileError, ModelLoadError) as exc:
-        raise dg.Failure(str(exc)) from None
+    return load_project_model(project, name).identity
 
 
 def _shard_vectors(store: ProjectStore, shards: list[str], identity: dict[str, Any]):

@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name
+from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
 from curation_assets.assets.embeddings import model_stamp
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.assets.shard_scores import (
@@ -23,7 +23,6 @@ from curation_assets.assets.shard_scores import (
 )
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed import embed_images
-from curation_assets.core.models import ModelFileError, ModelLoadError, load_model
 from curation_assets.core.rotation import ANGLES
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -66,15 +65,7 @@ def build_rotation_asset(project: ProjectConfig, partitions: dg.PartitionsDefini
         signature = rotation_signature(project, project_store, shard)
 
         def predict() -> tuple[pl.DataFrame, dict]:
-            try:
-                model = load_model(
-                    stage.model,
-                    project.models[stage.model],
-                    allow_download=project.allow_download,
-                    device=settings.device,
-                )
-            except (ModelFileError, ModelLoadError) as exc:
-                raise dg.Failure(str(exc)) from None
+            model = load_project_model(project, stage.model, settings.device)
             _, refs = kept_refs(project_store, shard)
             rate = RateLogger(context.log, f"rotation {shard}")
             result = embed_images(
