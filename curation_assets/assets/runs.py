@@ -204,35 +204,30 @@ def materialize_selection(
     global_names = [n for n in names if n not in per_shard]
     resources = dict(defs.resources or {})
     summary = RunSummary()
-    tags = {"curation/trigger": "cli"}
+
+    def run(selected: list[str], partition_key: str | None = None) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            assets,
+            selection=[by_name[n][1] for n in selected],
+            partition_key=partition_key,
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+            tags={"curation/trigger": "cli"},
+            run_config=QUIET_CONSOLE,
+        )
+
     if per_shard:
         shards = sorted(instance.get_dynamic_partitions(partitions_name(project)))
         for index, key in enumerate(shards, start=1):
             echo(f"[{index}/{len(shards)}] {', '.join(per_shard)} for shard {key}")
-            result = dg.materialize(
-                assets,
-                selection=[by_name[n][1] for n in per_shard],
-                partition_key=key,
-                instance=instance,
-                resources=resources,
-                raise_on_error=False,
-                tags=tags,
-                run_config=QUIET_CONSOLE,
-            )
+            result = run(per_shard, key)
             summary.shards_run.append(key)
             if not result.success:
                 summary.failed.append(f"shard {key} (run {result.run_id})")
     if global_names:
         echo(", ".join(global_names))
-        result = dg.materialize(
-            assets,
-            selection=[by_name[n][1] for n in global_names],
-            instance=instance,
-            resources=resources,
-            raise_on_error=False,
-            tags=tags,
-            run_config=QUIET_CONSOLE,
-        )
+        result = run(global_names)
         if not result.success:
             summary.failed.append(f"{', '.join(global_names)} (run {result.run_id})")
     summary.seconds = time.perf_counter() - start
