@@ -119,6 +119,9 @@ class DiscoveryConfig(_Strict):
     sensor_interval_seconds: int = Field(ge=5)
     refresh_cron: str
     refresh_running: bool
+    # New shard keys added (and run) per sensor tick; the rest wait for the next ticks, so one tick
+    # over a freshly mounted pool of 10,000 shards stays well inside Dagster's sensor timeout.
+    max_new_shards_per_tick: int = Field(default=500, ge=1)
 
     @field_validator("refresh_cron")
     @classmethod
@@ -126,6 +129,15 @@ class DiscoveryConfig(_Strict):
         if len(value.split()) != 5:
             raise ValueError(f"a cron string has 5 fields (got {value!r})")
         return value
+
+
+class RunsConfig(_Strict):
+    """How the project's jobs execute when launched (UI, sensor, schedule, backfill, `curate`)."""
+
+    executor: Literal["in_process", "multiprocess"]
+    max_concurrent_steps: int = Field(ge=0)  # multiprocess only; 0 = one per CPU core
+    shard_max_runtime_seconds: int = Field(ge=0)  # 0 = no limit
+    global_max_runtime_seconds: int = Field(ge=0)
 
 
 # ----------------------------------------------------------------------------- models
@@ -549,6 +561,7 @@ class ProjectConfig(_Strict):
     storage_root: str
     dataset: DatasetConfig
     discovery: DiscoveryConfig
+    runs: RunsConfig
     models: dict[str, ModelEntry]
     stages: Stages
     export: ExportConfig

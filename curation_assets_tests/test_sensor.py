@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from curation_assets.assets.project import shard_job_name
 from curation_assets.definitions import build_definitions
@@ -103,3 +104,67 @@ def test_missing_root_is_a_skip_not_a_crash(tmp_path: Path):
     defs = build_definitions([project])
     result = _tick(defs, project, dg.DagsterInstance.ephemeral())
     assert not result.run_requests and "roots not found" in result.skip_reason.skip_message
+
+
+def _cursor_tick(
+    defs: dg.Definitions, project, instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[dg.SensorResult, str | None]:
+    """A daemon-like tick: the previous tick's cursor in, partition additions applied."""
+    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"store": StoreResource()}
+    ) as context:
+        result = sensor(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result, result.cursor
+
+
+def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monkeypatch):
+    from curation_assets.assets import discovery
+
+    root = tmp_path / "pool"
+    for i in range(1000):
+        (root / f"s{i:04d}").mkdir(parents=True)
+        (root / f"s{i:04d}" / "x.jpg").write_bytes(b"x")  # never read: the runs are not launched
+    project = make_project(tmp_path, str(root), discovery={"max_new_shards_per_tick": 400})
+    defs = build_definitions([project])
+    instance = dg.DagsterInstance.ephemeral()
+    footers: list[str] = []
+    real = discovery.recorded_fingerprint
+    monkeypatch.setattr(
+        discovery, "recorded_fingerprint", lambda store, key: footers.append(key) or real(store, key)
+    )
+
+    store = StoreResource().for_project(project)
+    requested: list[str] = []
+    cursor = None
+    for batch in (400, 400, 200):
+        result, cursor = _cursor_tick(defs, project, instance, cursor)
+        assert len(result.run_requests) == batch
+        assert {r.tags["curation/shard_reason"] for r in result.run_requests} == {"new"}
+        requested += [r.partition_key for r in result.run_requests]
+        for request in result.run_requests:  # as the runs would: an inventory with its fingerprint
+            fingerprint = request.run_key.split(":", 1)[1]
+            path = store.shard_path("image_inventory", request.partition_key)
+            store.write_parquet(
+                pl.DataFrame({"image_id": ["x"]}), path, metadata={"fingerprint": fingerprint}
+            )
+    assert sorted(requested) == [f"s{i:04d}" for i in range(1000)]  # each shard once, in key order
+    assert len(instance.get_dynamic_partitions("testproj_shards")) == 1000
+
+    footers.clear()
+    steady, cursor = _cursor_tick(defs, project, instance, cursor)
+    assert not steady.run_requests and "none new or changed" in steady.skip_reason.skip_message
+    assert footers == []  # unchanged shards: no inventory read at all
+    assert cursor is not None and len(cursor) < 8000  # bounded, whatever the pool size
+
+    os.utime(root / "s0123", ns=(1, 1))  # one shard changes
+    changed, cursor = _cursor_tick(defs, project, instance, cursor)
+    assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [
+        ("s0123", "changed")
+    ]
+    assert "s0123" in footers and len(footers) < 20  # only its bucket's inventories were read
+    assert changed.run_requests[0].run_key == "s0123:dir:1"
+    again, _ = _cursor_tick(defs, project, instance, cursor)
+    assert not again.run_requests

@@ -5,10 +5,11 @@ semantic vectors are scored directly (no second pass over the images); otherwise
 model embeds the shard first. Tree of Life removed blurred images this way.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
 from curation_assets.assets.embeddings import SEMANTIC_EMBEDDINGS, model_stamp
@@ -23,10 +24,16 @@ from curation_assets.assets.shard_scores import (
     vectors_signature,
 )
 from curation_assets.config import ProjectConfig
-from curation_assets.core.embed import ComputeSettings, embed_images
-from curation_assets.core.models import LoadedModel
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
+
+# torch and the core modules that import it are imported inside the functions that use them:
+# loading the Definitions must stay cheap (issue 12).
+if TYPE_CHECKING:
+    import torch
+
+    from curation_assets.core.embed import ComputeSettings
+    from curation_assets.core.models import LoadedModel
 
 AESTHETIC = "aesthetic_scores"
 CHECK_SCORED = "every_kept_image_has_an_aesthetic_score"
@@ -38,8 +45,10 @@ def reuses_semantic_vectors(project: ProjectConfig) -> bool:
     return embeddings.enabled and embeddings.semantic_model == project.stages.aesthetic.clip_model
 
 
-def score_vectors(mlp: LoadedModel, vectors: np.ndarray, device: torch.device) -> np.ndarray:
+def score_vectors(mlp: "LoadedModel", vectors: np.ndarray, device: "torch.device") -> np.ndarray:
     """Aesthetic scores of CLIP image embeddings (unit-normalised first, as the LAION head expects)."""
+    import torch
+
     out = np.empty(len(vectors), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(vectors), SCORE_BATCH):
@@ -50,10 +59,12 @@ def score_vectors(mlp: LoadedModel, vectors: np.ndarray, device: torch.device) -
 
 
 def clip_vectors(
-    project: ProjectConfig, store: ProjectStore, shard: str, settings: ComputeSettings, log
+    project: ProjectConfig, store: ProjectStore, shard: str, settings: "ComputeSettings", log
 ) -> tuple[pl.DataFrame, np.ndarray]:
     if reuses_semantic_vectors(project):
         return semantic_vectors(store, shard)
+    from curation_assets.core.embed import embed_images
+
     clip = load_project_model(project, project.stages.aesthetic.clip_model, settings.device)
     kept, refs = kept_refs(store, shard)
     rate = RateLogger(log, f"aesthetic CLIP {shard}")

@@ -27,7 +27,6 @@ from curation_assets.assets.labeled_data import all_images, kept, with_labels
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig, SubsetSpec
 from curation_assets.core import subsets as subset_core
-from curation_assets.core.models import ModelLoadError
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -123,6 +122,9 @@ def caption_mask(project: ProjectConfig, pool: pl.DataFrame, device: str) -> np.
         raise dg.Failure(
             f"{where}.class_definitions: {len(missing)} class(es) have no definition, e.g. {missing[:5]}"
         )
+    # core.models imports torch: imported here so that loading the Definitions stays cheap (issue 12)
+    from curation_assets.core.models import ModelLoadError
+
     model = load_project_model(project, config.text_model, device)
     if model.encode_text is None:
         raise dg.Failure(f"{where}.text_model: {config.text_model!r} has no text encoder")

@@ -11,6 +11,7 @@
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
@@ -26,12 +27,15 @@ from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.decisions import survivors
-from curation_assets.core.kmeans import Hierarchy, Level, LevelResult, hierarchical_kmeans
-from curation_assets.core.plots import cluster_sizes_plot
 from curation_assets.core.sampling import gini, hierarchical_sample, normalized_entropy
 from curation_assets.core.vectors import VectorMismatchError, assert_compatible
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
+
+# core.kmeans (torch, scipy) and core.plots (matplotlib) are imported inside the functions that
+# use them, so that loading the Definitions stays cheap (issue 12).
+if TYPE_CHECKING:
+    from curation_assets.core.kmeans import Hierarchy, Level
 
 CLUSTERS = "hierarchical_clusters"
 VECTORS_FILE = "vectors.f16.npy"
@@ -94,7 +98,7 @@ def gather_vectors(
     return ids, np.load(path, mmap_mode="r"), reference
 
 
-def save_hierarchy(store: ProjectStore, hierarchy: Hierarchy) -> None:
+def save_hierarchy(store: ProjectStore, hierarchy: "Hierarchy") -> None:
     for t, level in enumerate(hierarchy.levels, start=1):
         store.write_npy(level.centroids.astype(np.float32), _level_file(store, t, "centroids"))
         store.write_npy(level.assignment.astype(np.int64), _level_file(store, t, "assignment"))
@@ -102,7 +106,9 @@ def save_hierarchy(store: ProjectStore, hierarchy: Hierarchy) -> None:
         store.write_npy(level.distances.astype(np.float32), _level_file(store, t, "distances"))
 
 
-def load_hierarchy(store: ProjectStore, n_levels: int, metric: str) -> Hierarchy:
+def load_hierarchy(store: ProjectStore, n_levels: int, metric: str) -> "Hierarchy":
+    from curation_assets.core.kmeans import Hierarchy, LevelResult
+
     levels = []
     for t in range(1, n_levels + 1):
         files = [_level_file(store, t, what) for what in ("centroids", "assignment", "sizes", "distances")]
@@ -112,11 +118,13 @@ def load_hierarchy(store: ProjectStore, n_levels: int, metric: str) -> Hierarchy
     return Hierarchy(levels=levels, metric=metric)
 
 
-def effective_levels(configured, n: int) -> list[Level]:
+def effective_levels(configured, n: int) -> "list[Level]":
     """The configured levels, each capped at its number of inputs (n points, then the previous k).
 
     A small pool (a demo, a first shard) still clusters instead of failing; the cap is logged.
     """
+    from curation_assets.core.kmeans import Level
+
     levels, inputs = [], n
     for level in configured:
         k = max(1, min(level.n_clusters, inputs))
@@ -125,7 +133,7 @@ def effective_levels(configured, n: int) -> list[Level]:
     return levels
 
 
-def level_stats(hierarchy: Hierarchy, point_clusters: np.ndarray) -> list[dict]:
+def level_stats(hierarchy: "Hierarchy", point_clusters: np.ndarray) -> list[dict]:
     """Per level: clusters, images per cluster (max / median), empty clusters, Gini of the sizes."""
     rows = []
     for t, level in enumerate(hierarchy.levels, start=1):
@@ -169,6 +177,9 @@ def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     def hierarchical_clusters(
         context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
     ) -> dg.MaterializeResult:
+        from curation_assets.core.kmeans import hierarchical_kmeans
+        from curation_assets.core.plots import cluster_sizes_plot
+
         project_store = store.for_project(project)
         shards = processed_shards(context, project, project_store, SANITIZED)
         try:

@@ -17,9 +17,7 @@ from curation_assets.assets.common import RateLogger, asset_key, group_name, loa
 from curation_assets.assets.discovery import INVENTORY
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ModelEntry, ProjectConfig
-from curation_assets.core.decode import ImageRef
-from curation_assets.core.embed import embed_images
-from curation_assets.core.models import ModelFileError, check_model_file
+from curation_assets.core.images import ImageRef
 from curation_assets.core.reasons import Status
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -118,6 +116,11 @@ def build_embedding_asset(
     def embeddings(
         context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
     ) -> dg.MaterializeResult:
+        # core.models and core.embed import torch: imported here, not at the top, so that loading
+        # the Definitions stays cheap (issue 12)
+        from curation_assets.core.embed import embed_images
+        from curation_assets.core.models import ModelFileError, check_model_file
+
         shard = context.partition_key
         project_store = store.for_project(project)
         try:  # before any image is read

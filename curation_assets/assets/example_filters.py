@@ -12,6 +12,8 @@ shards as they appear), so `example_distances` builds the example vectors itself
 stored ones are missing or stale: the same function, the same file, written atomically.
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -27,7 +29,6 @@ from curation_assets.assets.shard_scores import (
     vectors_signature,
 )
 from curation_assets.config import ProjectConfig
-from curation_assets.core.embed import ComputeSettings, embed_images
 from curation_assets.core.examples import (
     ExamplesError,
     ExampleSet,
@@ -39,6 +40,11 @@ from curation_assets.core.examples import (
 from curation_assets.core.filters import min_cosine_distance
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
+
+# core.embed imports torch: it is imported where images are embedded, so that loading the
+# Definitions stays cheap (issue 12).
+if TYPE_CHECKING:
+    from curation_assets.core.embed import ComputeSettings
 
 EXAMPLE_EMBEDDINGS = "example_embeddings"
 EXAMPLE_DISTANCES = "example_distances"
@@ -65,7 +71,7 @@ def examples_signature(project: ProjectConfig, examples: ExampleSet) -> str:
 
 
 def ensure_example_embeddings(
-    project: ProjectConfig, store: ProjectStore, settings: ComputeSettings, log
+    project: ProjectConfig, store: ProjectStore, settings: "ComputeSettings", log
 ) -> tuple[dict[str, np.ndarray], dict, bool]:
     """Per-category example vectors from the store, (re)computed when missing or stale.
 
@@ -77,6 +83,8 @@ def ensure_example_embeddings(
     if table_path.is_file() and store.parquet_metadata(table_path).get("input_signature") == signature:
         ids, vectors, meta = store.read_vectors(EXAMPLE_EMBEDDINGS, EXAMPLES_SHARD)
         return vectors_by_category(ids["category"].to_list(), vectors, examples.categories), meta, False
+
+    from curation_assets.core.embed import embed_images
 
     model_name = project.stages.example_filters.model
     model = load_project_model(project, model_name, settings.device)

@@ -27,11 +27,13 @@ from curation_assets.assets.rotation import PROBABILITY_COLUMNS, ROTATION
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.filters import FilterRule, decide, percentile_table, summarize
-from curation_assets.core.plots import histogram_plot
-from curation_assets.core.quality import GRAYSCALE_COLORFULNESS
 from curation_assets.core.reasons import Status
 from curation_assets.core.rotation import rotation_decisions
 from curation_assets.resources.store import ProjectStore, StoreResource
+
+# core.quality (scipy) and core.plots (matplotlib) are imported inside the functions that use
+# them: every decision-side module imports this one, and loading the Definitions must stay
+# cheap (issue 12).
 
 FILTER_DECISIONS = "filter_decisions"
 CHECK_ONE_ROW = "one_row_per_kept_image"
@@ -57,6 +59,8 @@ def filter_rules(project: ProjectConfig) -> list[FilterRule]:
             FilterRule("quality:blur", "blur", q.blur_threshold, "below"),
         ]
         if q.grayscale:
+            from curation_assets.core.quality import GRAYSCALE_COLORFULNESS
+
             rules.append(FilterRule("quality:grayscale", "colorfulness", GRAYSCALE_COLORFULNESS, "below"))
     return rules
 
@@ -119,6 +123,8 @@ def filter_report(
     store: ProjectStore, frame: pl.DataFrame, rules: list[FilterRule]
 ) -> tuple[list[dict], dict[str, dg.MetadataValue]]:
     """Per rule: a summary row, and its percentile table and histogram as metadata entries."""
+    from curation_assets.core.plots import histogram_plot
+
     rows, entries = [], {}
     for rule in rules:
         values = (

@@ -27,7 +27,6 @@ from curation_assets.assets.shard_scores import (
     skip_or_compute,
 )
 from curation_assets.config import ProjectConfig
-from curation_assets.core import leaks
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -35,9 +34,18 @@ PHASHES = "perceptual_hashes"
 LEAKS = "train_test_leaks"
 CHECK_HASHED = "every_kept_image_has_a_perceptual_hash"
 CHECK_CONSISTENT = "leaks_cross_splits_within_thresholds"
-# Bump when the hash recipe changes: stored hashes of another version are recomputed.
-PHASH_VERSION = f"dct{leaks.HASH_SIZE}-{leaks.HASH_BLOCK}x{leaks.HASH_BLOCK}-v1"
 EXAMPLES_PER_METHOD = 8
+
+# core.leaks imports faiss and scipy: it is imported inside the functions that use it, so that
+# loading the Definitions (and the headless runner's staleness checks) stays cheap (issue 12).
+
+
+def phash_version() -> str:
+    """The hash recipe's version; bump the suffix when the recipe changes (stored hashes of
+    another version are recomputed)."""
+    from curation_assets.core import leaks
+
+    return f"dct{leaks.HASH_SIZE}-{leaks.HASH_BLOCK}x{leaks.HASH_BLOCK}-v1"
 
 
 def perceptual_enabled(project: ProjectConfig) -> bool:
@@ -47,7 +55,7 @@ def perceptual_enabled(project: ProjectConfig) -> bool:
 
 def phash_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
     # The hashes depend on the kept images and the recipe only; no threshold enters.
-    return signature_of(sanitized_bytes(store, shard), f"phash-{PHASH_VERSION}")
+    return signature_of(sanitized_bytes(store, shard), f"phash-{phash_version()}")
 
 
 def _workers(setting: int) -> int:
@@ -81,10 +89,12 @@ def build_phash_asset(project: ProjectConfig, partitions: dg.PartitionsDefinitio
         kept_rows, refs = kept_refs(project_store, shard)
 
         def compute() -> tuple[pl.DataFrame, dict]:
+            from curation_assets.core import leaks
+
             rate = RateLogger(context.log, f"perceptual hashes {shard}")
             table = leaks.hash_images(refs, workers=_workers(stage.workers), progress=rate)
             rate.finish(len(refs))
-            return table, {"phash_version": PHASH_VERSION}
+            return table, {"phash_version": phash_version()}
 
         table, _, skipped = skip_or_compute(context, project_store, PHASHES, signature, compute)
         errors = table.filter(pl.col("error").is_not_null())
@@ -113,6 +123,8 @@ def _hashes(store: ProjectStore, shards: list[str]) -> pl.DataFrame:
 
 def leak_examples(table: pl.DataFrame, per_method: int = EXAMPLES_PER_METHOD) -> list[dict]:
     """A few rows of each method, most similar first, for the metadata table."""
+    from curation_assets.core import leaks
+
     rows = []
     for method in leaks.METHODS:
         part = table.filter(pl.col("method") == method).sort("similarity", descending=True).head(per_method)
@@ -183,6 +195,8 @@ def build_leaks_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     def train_test_leaks(
         context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
     ) -> dg.MaterializeResult:
+        from curation_assets.core import leaks
+
         project_store = store.for_project(project)
         shards = processed_shards(context, project, project_store, SANITIZED)
         pool = kept(all_images(project_store, shards)).select("image_id", "split", "content_hash")

@@ -37,12 +37,12 @@ from curation_assets.assets.embeddings import COPY_EMBEDDINGS
 from curation_assets.assets.exact_duplicates import processed_shards
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
-from curation_assets.core.grouping import group_duplicates, sweep_thresholds, threshold_sweep
-from curation_assets.core.index import VectorIndex, choose_kind, dataset_mean, find_pairs, prepare
-from curation_assets.core.plots import sweep_plot
 from curation_assets.core.vectors import assert_compatible
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import VECTORS_FILE, ProjectStore, StoreResource
+
+# core.index (faiss), core.grouping (scipy) and core.plots (matplotlib) are imported inside the
+# functions that use them, so that loading the Definitions stays cheap (issue 12).
 
 INDEX = "lsh_index"
 PAIRS = "duplicate_pairs"
@@ -90,6 +90,8 @@ def _centring_mean(store: ProjectStore, folder: Path, vectors: list, identity: d
     kept = folder / MEAN_IDENTITY
     if (folder / MEAN).is_file() and kept.is_file() and json.loads(kept.read_text()) == identity:
         return np.load(folder / MEAN)
+    from curation_assets.core.index import dataset_mean
+
     mean = dataset_mean(np.asarray(v[2], dtype=np.float32) for v in vectors)
     store.write_npy(mean, folder / MEAN)
     store.write_json(identity, folder / MEAN_IDENTITY)
@@ -130,6 +132,8 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     def lsh_index(
         context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
     ) -> dg.MaterializeResult:
+        from curation_assets.core.index import VectorIndex, choose_kind, prepare
+
         started = time.perf_counter()
         project_store = store.for_project(project)
         identity = _expected_identity(project)
@@ -249,6 +253,8 @@ def build_pairs_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         ),
     )
     def duplicate_pairs(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
+        from curation_assets.core.index import VectorIndex, find_pairs
+
         started = time.perf_counter()
         project_store = store.for_project(project)
         index_folder = project_store.asset_dir(INDEX)
@@ -356,6 +362,9 @@ def build_groups_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         ),
     )
     def duplicate_groups(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
+        from curation_assets.core.grouping import group_duplicates, sweep_thresholds, threshold_sweep
+        from curation_assets.core.plots import sweep_plot
+
         project_store = store.for_project(project)
         pairs_path = project_store.global_path(PAIRS, f"{PAIRS}.parquet")
         if not pairs_path.is_file():

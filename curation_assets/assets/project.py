@@ -31,6 +31,35 @@ from curation_assets.assets.rotation import build_rotation_asset
 from curation_assets.assets.sanitize import build_sanitize_asset
 from curation_assets.config import ProjectConfig
 
+CODE_LOCATION_MODULE = "curation_assets.definitions"  # what workspace.yaml and the run workers load
+
+
+# A backfill launches one run per shard: each per-shard asset computes exactly the partition it
+# is given, a failed shard is retried alone, and the run queue (max_concurrent_runs) decides how
+# many shards run at once. A run's start costs about a second (README: "Running it at scale").
+SHARD_BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+MAX_RUNTIME_TAG = "dagster/max_runtime"  # read by Dagster's run monitoring
+
+
+def job_executor(project: ProjectConfig) -> dg.ExecutorDefinition:
+    """The executor of the shard and global jobs (project file: runs.executor).
+
+    in_process runs every step in the run process: one interpreter start per run instead of
+    one per step. multiprocess forks each step from a forkserver that imported this code
+    location once, so a step pays a fork, not an interpreter start and the imports.
+    """
+    if project.runs.executor == "in_process":
+        return dg.in_process_executor
+    config: dict = {"start_method": {"forkserver": {"preload_modules": [CODE_LOCATION_MODULE]}}}
+    if project.runs.max_concurrent_steps:
+        config["max_concurrent"] = project.runs.max_concurrent_steps
+    return dg.multiprocess_executor.configured(config, name="forkserver_multiprocess")
+
+
+def max_runtime_tags(seconds: int) -> dict[str, str]:
+    """Job tags that make run monitoring fail a run still going after ``seconds`` (0: no limit)."""
+    return {MAX_RUNTIME_TAG: str(seconds)} if seconds else {}
+
 
 def shard_job_name(project: ProjectConfig) -> str:
     return f"{project.name}_shard_job"
@@ -66,6 +95,8 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
         shard_job_name(project),
         selection=dg.AssetSelection.assets(*per_shard),
         description=f"Per-shard assets of {project.name}: one run per shard (partition).",
+        executor_def=job_executor(project),
+        tags=max_runtime_tags(project.runs.shard_max_runtime_seconds),
     )
     jobs = [shard_job, *build_apply_jobs(project)]
     schedules = []
@@ -74,13 +105,17 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
             global_job_name(project),
             selection=dg.AssetSelection.assets(*global_assets),
             description=f"Global assets of {project.name}: read every processed shard from the store.",
+            executor_def=job_executor(project),
+            tags=max_runtime_tags(project.runs.global_max_runtime_seconds),
         )
         jobs.append(global_job)
         schedules.append(build_refresh_schedule(project, global_job))
     return dg.Definitions(
         assets=[*per_shard, *global_assets],
         jobs=jobs,
-        sensors=[build_discovery_sensor(project, shard_job, partitions)],
+        sensors=[
+            build_discovery_sensor(project, shard_job, partitions, global_job if global_assets else None)
+        ],
         schedules=schedules,
     )
 
@@ -103,7 +138,7 @@ def build_per_shard_assets(
     if stages.rotation.enabled:
         assets.append(build_rotation_asset(project, partitions))
     assets += build_labeled_shard_assets(project, partitions)
-    return assets
+    return [asset.with_attributes(backfill_policy=SHARD_BACKFILL) for asset in assets]
 
 
 def per_shard_asset_names(project: ProjectConfig) -> list[str]:

@@ -19,8 +19,10 @@ from curation_assets.assets.shard_scores import (
     skip_or_compute,
 )
 from curation_assets.config import ProjectConfig
-from curation_assets.core import quality
 from curation_assets.resources.store import ProjectStore, StoreResource
+
+# core.quality imports scipy: it is imported inside the functions that use it, so that loading
+# the Definitions stays cheap (issue 12).
 
 QUALITY = "quality_scores"
 CHECK_SCORED = "every_kept_image_has_a_quality_score"
@@ -28,6 +30,8 @@ SCORE_COLUMNS = ["blur", "brightness_p99", "brightness_p5", "entropy", "colorful
 
 
 def quality_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
+    from curation_assets.core import quality
+
     # The scores depend on the kept images and the scoring code, not on any threshold.
     return signature_of(sanitized_bytes(store, shard), f"quality-{quality.QUALITY_VERSION}")
 
@@ -57,6 +61,8 @@ def build_quality_asset(project: ProjectConfig, partitions: dg.PartitionsDefinit
         kept, refs = kept_refs(project_store, shard)
 
         def compute() -> tuple[pl.DataFrame, dict]:
+            from curation_assets.core import quality
+
             rate = RateLogger(context.log, f"quality {shard}")
             scores = quality.score_images(refs, workers=stage.workers, progress=rate)
             rate.finish(len(refs))

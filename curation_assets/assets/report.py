@@ -17,6 +17,7 @@ from curation_assets.assets.clustering import CLUSTERS
 from curation_assets.assets.common import asset_key, group_name
 from curation_assets.assets.decision_inputs import project_stages
 from curation_assets.assets.decisions import DECISIONS, SAMPLE, decisions_path
+from curation_assets.assets.discovery import INVENTORY
 from curation_assets.assets.filter_decisions import filter_rules
 from curation_assets.assets.near_dedup import GROUPS, PAIRS
 from curation_assets.config import ProjectConfig
@@ -32,6 +33,7 @@ from curation_assets.core.report import (
     render_report,
     select_threshold_examples,
 )
+from curation_assets.core.retirement import load_batches, retired_root, retired_totals
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 REPORT = "curation_report"
@@ -169,6 +171,11 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
     return data
 
 
+def retired_counts(store: ProjectStore) -> tuple[int, int]:
+    """(shards, files) retired from the pool and not back: read from the retirement manifests."""
+    return retired_totals(load_batches(store.root), active=store.shards_written(INVENTORY))
+
+
 def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     @dg.asset(
         key=asset_key(project, REPORT),
@@ -186,6 +193,13 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         if not path.is_file():
             raise dg.Failure(f"no {DECISIONS} yet: materialize it first")
         data = build_report_data(project, project_store, pl.read_parquet(path))
+        retired_shards, retired_images = retired_counts(project_store)
+        if retired_shards:
+            data.notes["retired shards"] = (
+                f"{retired_shards:,} shard(s) with {retired_images:,} file(s) left the pool and were "
+                f"retired; their outputs were moved to {retired_root(project_store.root)} "
+                "(each batch's manifest.json lists them)"
+            )
         files = render_report(data, report_dir(project_store), thumb_side=project.report.thumb_side)
         for image_id, error in files.broken_thumbnails[:20]:
             context.log.warning(f"report thumbnail of {image_id}: {error}")
@@ -196,6 +210,8 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             "stages_off": ", ".join(files.stages_off) or "none",
             "thumbnails": files.thumbnails,
             "broken_thumbnails": len(files.broken_thumbnails),
+            "retired_shards": retired_shards,
+            "retired_images": retired_images,
         }
         metadata.update(
             {f"plot_{k.replace(':', '_')}": dg.MetadataValue.path(str(v)) for k, v in files.plots.items()}

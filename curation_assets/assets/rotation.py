@@ -22,7 +22,6 @@ from curation_assets.assets.shard_scores import (
     skip_or_compute,
 )
 from curation_assets.config import ProjectConfig
-from curation_assets.core.embed import embed_images
 from curation_assets.core.rotation import ANGLES
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -65,6 +64,9 @@ def build_rotation_asset(project: ProjectConfig, partitions: dg.PartitionsDefini
         signature = rotation_signature(project, project_store, shard)
 
         def predict() -> tuple[pl.DataFrame, dict]:
+            # core.embed imports torch: imported here so that loading the Definitions stays cheap (issue 12)
+            from curation_assets.core.embed import embed_images
+
             model = load_project_model(project, stage.model, settings.device)
             _, refs = kept_refs(project_store, shard)
             rate = RateLogger(context.log, f"rotation {shard}")

@@ -16,7 +16,12 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.aesthetic import AESTHETIC, aesthetic_signature
-from curation_assets.assets.discovery import partitions_name, pending_shards, recorded_fingerprint
+from curation_assets.assets.discovery import (
+    partitions_name,
+    pending_shards,
+    recorded_fingerprint,
+    retire_removed_shards,
+)
 from curation_assets.assets.embeddings import embedding_models, input_signature
 from curation_assets.assets.exact_duplicates import EXACT
 from curation_assets.assets.example_filters import (
@@ -128,6 +133,7 @@ def materialize_project(
     pending = pending_shards(project, store, instance, persist_new_chunks=True)
     if pending.found.missing_roots:
         echo(f"warning: dataset roots not found: {', '.join(pending.found.missing_roots)}")
+    retire_removed_shards(project, store, pending, instance, echo)  # shards gone from the pool
     known = {s.key: s for s in pending.found.shards}
     if pending.new:
         instance.add_dynamic_partitions(partitions_name(project), [s.key for s in pending.new])

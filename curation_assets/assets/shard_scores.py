@@ -16,7 +16,7 @@ import xxhash
 
 from curation_assets.assets.embeddings import SEMANTIC_EMBEDDINGS, kept_images
 from curation_assets.assets.sanitize import SANITIZED
-from curation_assets.core.decode import ImageRef
+from curation_assets.core.images import ImageRef
 from curation_assets.resources.store import ProjectStore
 
 SIGNATURE = "input_signature"

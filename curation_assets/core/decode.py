@@ -20,21 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from curation_assets.core.images import load_rgb, read_bytes
+from curation_assets.core.images import ImageRef, load_rgb, read_bytes
 from curation_assets.core.preprocess import Preprocessing
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """Where a kept image's bytes are, and its displayed size (from sanitize)."""
-
-    image_id: str
-    source_path: str
-    offset: int | None
-    size: int | None
-    width: int
-    height: int
-
 
 # One decoded sample: (index into refs, CHW uint8 tensor) or (index, error message).
 Sample = tuple[int, torch.Tensor | None, str | None]

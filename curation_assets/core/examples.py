@@ -17,8 +17,8 @@ import numpy as np
 import xxhash
 from PIL import Image
 
-from curation_assets.core.decode import ImageRef
 from curation_assets.core.formats import IMAGE_EXTENSIONS
+from curation_assets.core.images import ImageRef
 
 MAX_EXAMPLES_PER_CATEGORY = 10_000  # examples are a handful to a few hundred; more is a wrong folder
 

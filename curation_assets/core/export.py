@@ -83,6 +83,7 @@ class ExportSummary:
     skipped: int = 0  # already exported correctly by an earlier run
     fixed: int = 0  # written with fixes or a rotation applied (a subset of written)
     bytes: int = 0  # bytes written by this run
+    removed: int = 0  # outputs of an earlier plan that this plan no longer holds, deleted
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, why)
@@ -95,6 +96,7 @@ class ExportSummary:
             "fixed": self.fixed,
             "failed": len(self.failed),
             "bytes": self.bytes,
+            "removed": self.removed,
             "seconds": round(self.seconds, 3),
         }
 
@@ -452,6 +454,11 @@ def export_tree(
     the fix); tar members are written as files whatever the mode. A re-run skips files that
     are already right and replaces ones that are not. Rows that cannot be exported (missing
     source, undecodable, changed since inventory) are listed in ``summary.failed``.
+
+    Outputs of an earlier run that the plan no longer holds (images of a retired shard, or
+    newly removed by a filter) are deleted, and so are links whose source is gone: the tree
+    always equals the plan. Only files this export wrote (its log names them) are ever
+    deleted, so a folder laid over other files loses none of them.
     """
     if mode not in EXPORT_MODES:
         raise ExportError(f"export mode must be one of {EXPORT_MODES}, got {mode!r}")
@@ -474,10 +481,35 @@ def export_tree(
                     summary.failed.append((item.image_id, describe_error(exc)))
             if progress is not None:
                 progress(done, len(items))
+        failed = {image_id for image_id, _ in summary.failed}
+        done = {it.out_rel for it in items if it.image_id not in failed}
+        summary.removed = _prune_stale(out_dir, done, {it.out_rel for it in items} - done, log)
     finally:
         log.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _prune_stale(out_dir: Path, done: set[str], failed: set[str], log: _ExportLog) -> int:
+    """Delete logged outputs that are not in the plan (``done``: exported now; ``failed``:
+    planned but not exported, kept unless a link whose source is gone); then the folders this
+    leaves empty. Returns how many outputs were deleted."""
+    removed = 0
+    for rel in sorted(log.paths()):
+        if rel in done:  # checked by this very run: no second stat
+            continue
+        path = out_dir / rel
+        if rel in failed and not (path.is_symlink() and not path.exists()):
+            continue
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed += 1
+        log.forget(rel)
+        folder = path.parent
+        while folder != out_dir and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return removed
 
 
 class _ModeUnsupportedError(ExportError):
@@ -503,10 +535,13 @@ def _export_one(
     if link:
         _check_source_size(source, item.size_bytes)
         if _link_ok(dest, source, mode):
+            if log.get(item.out_rel) is None:  # made before links were logged
+                log.record(item.out_rel, mode, 0)
             _skipped(summary, dest)
             return
         with atomic_target(dest) as tmp:
             _make_link(tmp, source, mode)
+        log.record(item.out_rel, mode, 0)  # links are logged too, so a later plan can remove them
         summary.written += 1
         summary.files.append(str(dest))
         return
@@ -621,21 +656,35 @@ class _ExportLog:
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                    self._entries[rec["path"]] = (rec["recipe"], int(rec["size"]))
-                except (ValueError, KeyError, TypeError):
+                    if rec.get("removed"):
+                        self._entries.pop(rec["path"], None)
+                    else:
+                        self._entries[rec["path"]] = (rec["recipe"], int(rec["size"]))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a torn last line after a crash
         self._handle: io.TextIOWrapper | None = None
 
     def get(self, rel: str) -> tuple[str, int] | None:
         return self._entries.get(rel)
 
+    def paths(self) -> list[str]:
+        return list(self._entries)
+
     def record(self, rel: str, recipe: str, size: int) -> None:
+        self._append({"path": rel, "recipe": recipe, "size": size})
+        self._entries[rel] = (recipe, size)
+
+    def forget(self, rel: str) -> None:
+        """The output at ``rel`` was deleted: a later log read no longer lists it."""
+        self._append({"path": rel, "removed": True})
+        self._entries.pop(rel, None)
+
+    def _append(self, record: dict[str, Any]) -> None:
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
-        self._handle.write(json.dumps({"path": rel, "recipe": recipe, "size": size}) + "\n")
+        self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
-        self._entries[rel] = (recipe, size)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -9,6 +9,7 @@ high-bit-depth data rescaled (not clipped) to 8 bits.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
@@ -18,6 +19,20 @@ TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # orientations that swap wid
 HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
 _WHITE = (255, 255, 255)
+
+
+# ImageRef lives here, not in decode.py, so that steps which only list kept images (quality,
+# perceptual hashes) do not import torch with the decode pipeline (issue 12).
+@dataclass(frozen=True)
+class ImageRef:
+    """Where a kept image's bytes are, and its displayed size (from sanitize)."""
+
+    image_id: str
+    source_path: str
+    offset: int | None
+    size: int | None
+    width: int
+    height: int
 
 
 class ImageReadError(ValueError):

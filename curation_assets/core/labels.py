@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import polars as pl
 
-from curation_assets.core.index import VectorIndex, prepare
+# faiss (and core.index, which imports it) is imported inside the functions that search:
+# reading labels must stay cheap for the steps that only join them (issue 12).
 
 EXTERNAL_FLAG_FIELDS: tuple[str, ...] = (
     "image_id",
@@ -325,6 +325,10 @@ def _neighbours(
     vectors: np.ndarray, k: int, index_kind: str, use_gpu: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of each row's k nearest other rows (cosine; vectors are unit)."""
+    import faiss
+
+    from curation_assets.core.index import VectorIndex
+
     vindex = VectorIndex.build(index_kind, vectors, seed=seed, use_gpu=use_gpu)
     gpu = vindex.gpu_index()
     index = gpu if gpu is not None else vindex.index
@@ -460,6 +464,8 @@ def label_issues(
             "need 0 < mislabel_threshold <= 1, ambiguity_margin >= 0 and outlier_factor > 0; got "
             f"{mislabel_threshold}, {ambiguity_margin}, {outlier_factor}"
         )
+    from curation_assets.core.index import prepare
+
     codes, classes = _label_codes(labels)
     prepared = prepare(vectors, np.zeros(vectors.shape[1], np.float32))
     usable = np.flatnonzero(np.abs(prepared).sum(axis=1) > 0)

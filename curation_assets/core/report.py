@@ -28,18 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the report is written by workers without a display
-
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.plots import histogram_plot
 from curation_assets.core.rotation import upright
+
+# matplotlib (and core.plots, which imports it) is imported inside the functions that plot:
+# assets/report.py imports this module, and loading the Definitions must stay cheap (issue 12).
 
 TURNS = (0, 90, 180, 270)
 REMOVES = ("below", "above")
@@ -270,6 +266,10 @@ def render_report(
     decodes an original). ``workers`` threads decode them; Pillow releases the GIL while
     decoding. Files from an earlier render are overwritten, never deleted.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the report is written by workers without a display
+
     if thumb_side < 16:
         raise ValueError(f"thumb_side must be at least 16 pixels, got {thumb_side}")
     out_dir = Path(out_dir)
@@ -618,6 +618,8 @@ class _Page:
         return "\n".join(parts)
 
     def _filter(self, number: int, section: FilterSection) -> str:
+        from curation_assets.core.plots import histogram_plot
+
         values = section.values
         finite = values[np.isfinite(values)]
         removed = int(section.removed_mask(finite).sum())
@@ -743,6 +745,9 @@ def _as_counts(counts: dict[int, int] | np.ndarray) -> dict[int, int]:
 
 
 def _funnel_plot(steps: list[FunnelStep], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
     labels = ["input", *(step.stage for step in steps)]
     left = [steps[0].images_in, *(step.kept for step in steps)]
     removed = [0, *(step.removed for step in steps)]
@@ -766,6 +771,8 @@ def _funnel_plot(steps: list[FunnelStep], path: Path) -> None:
 def _distance_histogram(distances: np.ndarray, threshold: float | None, path: Path) -> None:
     """Pair distances with the threshold; pairs under it are grouped, and removal happens per group
     (not per pair), so unlike a score histogram the shaded side is "grouped", counted in pairs."""
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(figsize=(8, 3.5), dpi=100)
     if len(distances):
         axes.hist(distances, bins=60, color="steelblue")
@@ -784,6 +791,8 @@ def _distance_histogram(distances: np.ndarray, threshold: float | None, path: Pa
 
 
 def _cluster_plot(samples: dict[int, int], sizes: dict[int, int] | None, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(figsize=(9, 3.5), dpi=100)
     clusters = sorted(samples)
     if len(clusters) <= _BAR_CHART_MAX_CLUSTERS:
@@ -811,6 +820,8 @@ def _cluster_plot(samples: dict[int, int], sizes: dict[int, int] | None, path: P
 
 
 def _save(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, format="png", bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(figure)

@@ -17,10 +17,12 @@ Pure library: no Dagster import.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from curation_assets.core.kmeans import Hierarchy
+if TYPE_CHECKING:  # kmeans imports torch and scipy; sampling needs only the type (issue 12)
+    from curation_assets.core.kmeans import Hierarchy
 
 STRATEGIES = ("random", "closest")
 

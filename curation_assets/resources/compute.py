@@ -1,13 +1,17 @@
 """The compute device resource: where and how models run (embeddings now, k-means later)."""
 
+from __future__ import annotations
+
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
-import torch
 from pydantic import Field
 
-from curation_assets.core.embed import AUTOCAST_DTYPES, ComputeSettings, resolve_device
+# torch (and core.embed, which imports it) is imported in `settings`: every asset module
+# names this resource, and loading the Definitions must stay cheap (issue 12).
+if TYPE_CHECKING:
+    from curation_assets.core.embed import ComputeSettings
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -28,6 +32,10 @@ class ComputeResource(dg.ConfigurableResource):
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
 
     def settings(self) -> ComputeSettings:
+        import torch
+
+        from curation_assets.core.embed import AUTOCAST_DTYPES, ComputeSettings, resolve_device
+
         device = resolve_device(self.device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32

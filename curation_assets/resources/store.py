@@ -4,6 +4,9 @@ Layout: ``<storage_root>/<project>/<asset>/<shard>.parquet`` for per-shard asset
 (``.npy`` beside it for vectors, row-aligned) and ``<storage_root>/<project>/<asset>/<name>``
 for global ones. A write goes to a hidden temporary name in the same folder, is flushed
 to disk and renamed into place, so a crash never leaves half a file under a final name.
+Per-shard files of a shard that left the pool are moved (never deleted) to
+``<storage_root>/<project>/retired/<UTC stamp>/<asset>/`` with a ``manifest.json``
+(core.retirement; ``restore_batch`` moves them back).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from curation_assets.config import ProjectConfig
 
 PARQUET = ".parquet"
 VECTORS_FILE = "vectors_file"  # parquet metadata: the .npy a vector table is aligned with
+_VECTOR_TOKEN = re.compile(r"[0-9a-f]{6,32}")  # the token write_vectors puts in an array's name
 
 
 @contextlib.contextmanager
@@ -70,6 +75,32 @@ class ProjectStore:
         return sorted(
             p.name[: -len(PARQUET)] for p in folder.glob(f"*{PARQUET}") if not p.name.startswith(".")
         )
+
+    def shard_files(self, asset: str, shards: Iterable[str]) -> dict[str, list[Path]]:
+        """Per shard, its files in ``asset``'s folder: the parquet and the vector arrays beside it.
+
+        One listing of the folder serves every shard (retiring thousands stays linear). Names
+        are matched exactly (``<shard>.parquet``, ``<shard>.<hex token>.npy``), because keys may
+        hold dots: shard ``a`` must not take the files of shard ``a.b``.
+        """
+        found: dict[str, list[Path]] = {shard: [] for shard in shards}
+        folder = self.asset_dir(asset)
+        if not found or not folder.is_dir():
+            return found
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(PARQUET):
+                    shard = name[: -len(PARQUET)]
+                elif name.endswith(".npy") and name.count(".") >= 2:
+                    shard, token = name[: -len(".npy")].rsplit(".", 1)
+                    if not _VECTOR_TOKEN.fullmatch(token):
+                        continue
+                else:
+                    continue
+                if shard in found and not name.startswith("."):
+                    found[shard].append(folder / name)
+        return {shard: sorted(paths) for shard, paths in found.items()}
 
     # -- writes
     def write_parquet(
@@ -117,6 +148,10 @@ class ProjectStore:
         keys = self.shards_written(asset) if shards is None else shards
         paths = [str(self.shard_path(asset, key)) for key in keys]
         return pl.scan_parquet(paths) if paths else None
+
+    def parquet_rows(self, path: Path) -> int:
+        """Rows of a parquet file, from its footer (no data is read)."""
+        return pq.read_metadata(path).num_rows
 
     def read_json(self, path: Path) -> Any:
         return json.loads(path.read_text())

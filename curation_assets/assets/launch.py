@@ -1,0 +1,210 @@
+"""Running the project's jobs: launched on the instance as the UI does, or in this process.
+
+:class:`LaunchedRuns` is the path users run. It loads the code location in a code server
+(as `dagster dev` does), creates each run from the code server's job snapshot and hands it
+to the instance's run launcher, which starts a run worker process that runs the job with
+its own executor. A sensor, a schedule, a backfill and the UI's Materialize button end in
+that same launch. :class:`InProcessRuns` executes the job in this process instead (for a
+debugger, or where no subprocess may start). Both wait for the run and return a
+:class:`RunOutcome` with the first failure's message.
+
+A launched run that outlives its job's ``dagster/max_runtime`` tag (the project file's
+``runs.*_max_runtime_seconds``) is terminated and marked failed, as the daemon's run
+monitoring does under `dagster dev`, so a headless run never waits forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import dagster as dg
+from dagster._core.definitions.selector import JobSubsetSelector
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import ModuleTarget
+
+from curation_assets.assets.project import CODE_LOCATION_MODULE, MAX_RUNTIME_TAG
+
+LOCATION_NAME = "curation_assets"
+PARTITION_TAG = "dagster/partition"
+POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    success: bool
+    message: str = ""  # the first failure's message (empty on success)
+    seconds: float = 0.0  # launch (or start) to finish, as this process saw it
+
+
+class Runs(Protocol):
+    """Runs one of the project's jobs and waits for it."""
+
+    def run(
+        self,
+        job_name: str,
+        *,
+        partition_key: str | None = None,
+        asset_keys: Sequence[dg.AssetKey] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> RunOutcome: ...
+
+
+def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The first step failure's message (what dg.Failure said), else the run failure's."""
+    records = instance.get_records_for_run(
+        run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}
+    ).records
+    events = [r.event_log_entry.dagster_event for r in records if r.event_log_entry.dagster_event]
+    for event in events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
+    for event in events:
+        if event.message:
+            return event.message.strip()
+    return f"run {run_id} failed"
+
+
+class InProcessRuns:
+    """Executes jobs in this process (``execute_in_process``) on the given instance."""
+
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance):
+        self.defs, self.instance = defs, instance
+
+    def run(
+        self,
+        job_name: str,
+        *,
+        partition_key: str | None = None,
+        asset_keys: Sequence[dg.AssetKey] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> RunOutcome:
+        start = time.perf_counter()
+        result = self.defs.resolve_job_def(job_name).execute_in_process(
+            partition_key=partition_key,
+            asset_selection=list(asset_keys) if asset_keys else None,
+            instance=self.instance,
+            raise_on_error=False,
+            tags=dict(tags or {}),
+            run_config=dict(run_config or {}),
+        )
+        message = "" if result.success else failure_message(self.instance, result.run_id)
+        return RunOutcome(result.run_id, result.success, message, time.perf_counter() - start)
+
+
+@contextmanager
+def code_location(instance: dg.DagsterInstance) -> Iterator[WorkspaceProcessContext]:
+    """The project's code location, loaded in a code server subprocess as `dagster dev` loads it.
+
+    The server and the run workers it starts inherit this process's environment, so
+    $CURATION_PROJECTS and $CURATION_HOME name the same projects and store here and there.
+    """
+    target = ModuleTarget(
+        module_name=CODE_LOCATION_MODULE,
+        attribute=None,
+        working_directory=str(Path.cwd()),
+        location_name=LOCATION_NAME,
+    )
+    with WorkspaceProcessContext(instance, target) as workspace:
+        entry = workspace.create_request_context().get_code_location_entries()[LOCATION_NAME]
+        if entry.load_error is not None:
+            raise RuntimeError(f"code location {CODE_LOCATION_MODULE} failed to load:\n{entry.load_error}")
+        yield workspace
+
+
+class LaunchedRuns:
+    """Launches runs through the instance's run launcher, as the UI and the daemon do, and waits."""
+
+    def __init__(self, instance: dg.DagsterInstance, workspace: WorkspaceProcessContext):
+        self.instance, self.workspace = instance, workspace
+
+    def run(
+        self,
+        job_name: str,
+        *,
+        partition_key: str | None = None,
+        asset_keys: Sequence[dg.AssetKey] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> RunOutcome:
+        start = time.perf_counter()
+        run = self.create_run(job_name, partition_key, asset_keys, run_config, tags)
+        self.instance.launch_run(run.run_id, self.workspace.create_request_context())
+        return self.wait(run.run_id, start)
+
+    def create_run(
+        self,
+        job_name: str,
+        partition_key: str | None = None,
+        asset_keys: Sequence[dg.AssetKey] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> dg.DagsterRun:
+        """A NOT_STARTED run of ``job_name`` built from the code server's snapshot (what the UI creates)."""
+        context = self.workspace.create_request_context()
+        location = context.get_code_location(LOCATION_NAME)
+        repo = location.get_repository(next(iter(location.get_repository_names())))
+        selector = JobSubsetSelector(
+            location_name=LOCATION_NAME,
+            repository_name=repo.name,
+            job_name=job_name,
+            op_selection=None,
+            asset_selection=asset_keys or None,
+        )
+        job = location.get_job(selector)
+        run_config = dict(run_config or {})
+        plan = location.get_execution_plan(
+            job, run_config, step_keys_to_execute=None, known_state=None, instance=self.instance
+        ).execution_plan_snapshot
+        all_tags = {**job.tags, **(tags or {})}
+        if partition_key is not None:
+            all_tags[PARTITION_TAG] = partition_key
+        return self.instance.create_run(
+            job_name=job_name,
+            run_id=None,
+            run_config=run_config,
+            resolved_op_selection=job.resolved_op_selection,
+            step_keys_to_execute=plan.step_keys_to_execute,
+            op_selection=None,
+            status=None,
+            root_run_id=None,
+            parent_run_id=None,
+            tags=all_tags,
+            job_snapshot=job.job_snapshot,
+            execution_plan_snapshot=plan,
+            parent_job_snapshot=job.parent_job_snapshot,
+            remote_job_origin=job.get_remote_origin(),
+            job_code_origin=job.get_python_origin(),
+            asset_selection=frozenset(asset_keys) if asset_keys else None,
+            asset_check_selection=None,
+            asset_graph=repo.asset_graph,
+        )
+
+    def wait(self, run_id: str, start: float | None = None) -> RunOutcome:
+        """Wait for a launched run; past its max runtime, terminate it and mark it failed."""
+        start = time.perf_counter() if start is None else start
+        limit = float(self.instance.get_run_by_id(run_id).tags.get(MAX_RUNTIME_TAG) or 0)
+        while True:
+            run = self.instance.get_run_by_id(run_id)
+            if run.is_finished:
+                success = run.status == dg.DagsterRunStatus.SUCCESS
+                message = "" if success else failure_message(self.instance, run_id)
+                return RunOutcome(run_id, success, message, time.perf_counter() - start)
+            if limit and time.perf_counter() - start > limit:
+                return self._stop(run, limit, start)
+            time.sleep(POLL_SECONDS)
+
+    def _stop(self, run: dg.DagsterRun, limit: float, start: float) -> RunOutcome:
+        message = f"exceeded the maximum runtime of {limit:.0f} s (runs.*_max_runtime_seconds): terminated"
+        self.instance.report_run_canceling(run, message=message)
+        self.instance.run_launcher.terminate(run.run_id)
+        if not self.instance.get_run_by_id(run.run_id).is_finished:
+            self.instance.report_run_failed(run, message)
+        return RunOutcome(run.run_id, False, message, time.perf_counter() - start)
