@@ -8,8 +8,9 @@ warms the page cache, then times with the same worker count and the same chunkin
 (a) the floor: a process pool running ``Image.open(path).load()`` over the files;
 (b) ``sanitize_items`` over the same files (read, every check, one decode, pixel hash).
 
-Both keep their worker processes between runs and are warmed up first; each time is
-the best of R interleaved runs. Prints one JSON object to stdout; logs go to stderr.
+Both start their worker processes in each run (sanitize_items keeps none after its call:
+the floor pools through the same runner, core/pool.py) and are warmed up first (imports,
+page cache); each time is the best of R interleaved runs. Prints one JSON object to stdout; logs go to stderr.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the package importable from the repo root
@@ -33,7 +32,8 @@ from PIL import Image
 
 from curation_assets.config import SanitizeStage, load_project_dict
 from curation_assets.core.images import read_bytes
-from curation_assets.core.sanitize import SanitizeItem, _pool_context, check_image, sanitize_items
+from curation_assets.core.pool import map_chunks
+from curation_assets.core.sanitize import SanitizeItem, check_image, sanitize_items
 
 WIDTH, HEIGHT = 1200, 850
 QUALITY = 90
@@ -88,38 +88,35 @@ def generate(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def _decode_chunk(paths: Sequence[str]) -> int:
+def _decode_chunk(paths: Sequence[str]) -> list[bool]:
     """The floor: what any reader must do at least (open, full decode)."""
     for path in paths:
         with Image.open(path) as im:
             im.load()
-    return len(paths)
+    return [True] * len(paths)
 
 
-_FLOOR_POOLS: dict[int, ProcessPoolExecutor] = {}
+def _not_decoded(path: str, exc: BaseException) -> bool:
+    return False
 
 
 def floor_run(paths: Sequence[str], rules: SanitizeStage) -> float:
     """Seconds for the bare decode over ``paths``, pooled exactly as sanitize_items pools.
 
-    Like sanitize_items, it keeps its worker processes between runs, so neither side's
-    time includes starting workers (both are warmed up before timing).
+    The same runner with the same workers, chunks and queue bound, so both times include
+    starting the call's worker processes.
     """
-    chunks = deque(paths[i : i + rules.chunk_size] for i in range(0, len(paths), rules.chunk_size))
-    workers = min(rules.workers, len(chunks))
-    limit = workers * rules.max_in_flight
     started = time.perf_counter()
-    pool = _FLOOR_POOLS.get(workers)
-    if pool is None:
-        pool = _FLOOR_POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
-    running: set = set()
-    done = 0
-    while chunks or running:
-        while chunks and len(running) < limit:
-            running.add(pool.submit(_decode_chunk, chunks.popleft()))
-        finished, running = wait(running, return_when=FIRST_COMPLETED)
-        done += sum(f.result() for f in finished)
-    assert done == len(paths)
+    decoded = map_chunks(
+        paths,
+        _decode_chunk,
+        workers=rules.workers,
+        chunk_size=rules.chunk_size,
+        in_flight_per_worker=rules.max_in_flight,
+        failed_row=_not_decoded,
+        died_row=_not_decoded,
+    )
+    assert all(decoded), f"{decoded.count(False)} benchmark images did not decode"
     return time.perf_counter() - started
 
 
@@ -186,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         names = [str(path) for path in paths]
         items = [SanitizeItem(image_id=path.stem, source_path=str(path), name=path.name) for path in paths]
-        # One untimed pass of each starts the workers and fills caches for both alike.
+        # One untimed pass of each (imports in the fork server, caches) for both alike.
         floor_run(names, rules)
         sanitize_run(items, rules)
 

@@ -17,6 +17,7 @@ curate init-instance             create $DAGSTER_HOME with our dagster.yaml
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,10 @@ from curation_assets.config import (
 )
 
 DEMO_PROJECT = "demo"
+IN_PROCESS_HELP = (
+    "run the jobs in this process instead of launching them on the instance as the UI does "
+    "(for a debugger; the runs still appear in the Dagster UI)"
+)
 LABELED_DEMO_PROJECT = "labeled_demo"
 
 
@@ -84,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=_progress_printer("generating demo data"),
     )
     _print(f"demo data: {summary.n_files} files in {summary.images_root}")
-    return _materialize(project, shards=None, force=args.force, started=start)
+    return _materialize(project, shards=None, force=args.force, started=start, in_process=args.in_process)
 
 
 def cmd_demo_labeled(args: argparse.Namespace) -> int:
@@ -104,7 +109,7 @@ def cmd_demo_labeled(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{kind} {count}" for kind, count in demo.counts.items())
     _print(f"labeled demo: {len(demo.classes)} classes in {demo.images_root} ({counts})")
-    code = _materialize(project, shards=None, force=args.force, started=start)
+    code = _materialize(project, shards=None, force=args.force, started=start, in_process=args.in_process)
     review = project.project_storage / "review_manifest" / "review.html"
     if review.is_file():
         _print(f"review page: {review}")
@@ -115,8 +120,14 @@ def cmd_demo_labeled(args: argparse.Namespace) -> int:
 def cmd_materialize(args: argparse.Namespace) -> int:
     project = _project(args.project)
     if args.select:
-        return _select(project, args.select)
-    return _materialize(project, shards=args.shard or None, force=args.force, run_global=not args.skip_global)
+        return _select(project, args.select, args.in_process)
+    return _materialize(
+        project,
+        shards=args.shard or None,
+        force=args.force,
+        run_global=not args.skip_global,
+        in_process=args.in_process,
+    )
 
 
 def _project(name: str):
@@ -137,17 +148,32 @@ def _print_summary(project) -> None:
         _print(summary)
 
 
-def _select(project, names: list[str]) -> int:
-    from curation_assets.assets.runs import init_instance, materialize_selection
+@contextlib.contextmanager
+def _runs(project, in_process: bool):
+    """The instance and how runs execute: launched as the UI launches them (default), or in process."""
+    from curation_assets.assets.launch import InProcessRuns, LaunchedRuns, code_location, serve_project
+    from curation_assets.assets.runs import init_instance
     from curation_assets.definitions import build_definitions
 
-    started = time.perf_counter()
     instance = init_instance()
-    try:
-        summary = materialize_selection(project, build_definitions([project]), instance, names, echo=_print)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if in_process:
+        yield instance, InProcessRuns(build_definitions([project]), instance)
+        return
+    serve_project(project)
+    with code_location(instance) as workspace:
+        yield instance, LaunchedRuns(instance, workspace)
+
+
+def _select(project, names: list[str], in_process: bool = False) -> int:
+    from curation_assets.assets.runs import materialize_selection
+
+    started = time.perf_counter()
+    with _runs(project, in_process) as (instance, runs):
+        try:
+            summary = materialize_selection(project, runs, instance, names, echo=_print)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     _print_summary(project)
     _print(f"\n{time.perf_counter() - started:.1f} s")
     if summary.failed:
@@ -156,16 +182,16 @@ def _select(project, names: list[str]) -> int:
     return 0
 
 
-def _materialize(project, shards, force, run_global=True, started: float | None = None) -> int:
-    from curation_assets.assets.runs import init_instance, materialize_project
-    from curation_assets.definitions import build_definitions
+def _materialize(
+    project, shards, force, run_global=True, started: float | None = None, in_process: bool = False
+) -> int:
+    from curation_assets.assets.runs import materialize_project
 
     started = started or time.perf_counter()
-    instance = init_instance()
-    defs = build_definitions([project])
-    summary = materialize_project(
-        project, defs, instance, shards=shards, force=force, run_global=run_global, echo=_print
-    )
+    with _runs(project, in_process) as (instance, runs):
+        summary = materialize_project(
+            project, runs, instance, shards=shards, force=force, run_global=run_global, echo=_print
+        )
     _print_summary(project)
     _print(
         f"\n{len(summary.shards_run)} shard run(s), {time.perf_counter() - started:.1f} s; "
@@ -186,19 +212,23 @@ def _with_backup_root(project, backup_root: str | None):
 
 
 def _run_destructive(project, job: str, run_config: dict | None) -> int:
-    from curation_assets.assets.runs import failure_message, init_instance, run_job
+    import dagster as dg
+
+    from curation_assets.assets.runs import init_instance, run_job
     from curation_assets.definitions import build_definitions
 
     started = time.perf_counter()
-    result = run_job(build_definitions([project]), init_instance(), job, run_config)
+    instance = init_instance()
+    result = run_job(build_definitions([project]), instance, job, run_config)
     if not result.success:
-        print(f"error: {failure_message(result)}", file=sys.stderr)
+        print(f"error: {result.message}", file=sys.stderr)
         return 1
-    for event in result.all_events:
-        if event.event_type_value == "ASSET_OBSERVATION":
-            applied = event.event_specific_data.asset_observation.metadata.get("applied")
-            if applied is not None:
-                _print("applied: " + ", ".join(f"{k} {v}" for k, v in applied.value.items()))
+    observations = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+    for record in observations.records:
+        event = record.event_log_entry.dagster_event
+        applied = event.event_specific_data.asset_observation.metadata.get("applied")
+        if applied is not None:
+            _print("applied: " + ", ".join(f"{k} {v}" for k, v in applied.value.items()))
     _print(f"{job} finished in {time.perf_counter() - started:.1f} s (run {result.run_id})")
     return 0
 
@@ -233,7 +263,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not project.report.enabled:
         print(f"error: report.enabled is false in {project.name}'s project file", file=sys.stderr)
         return 2
-    return _select(project, [DECISIONS, REPORT])
+    return _select(project, [DECISIONS, REPORT], args.in_process)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -288,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="re-run shards that are up to date")
+    demo.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     labeled = sub.add_parser(
@@ -302,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     labeled.add_argument("--leaks-per-kind", type=int, default=3, help="planted leaks of each kind")
     labeled.add_argument("--seed", type=int, default=0)
     labeled.add_argument("--force", action="store_true", help="re-run shards that are up to date")
+    labeled.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     labeled.set_defaults(func=cmd_demo_labeled)
 
     data = sub.add_parser("demo-data", help="generate a demo dataset")
@@ -323,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ASSET",
         help="only this asset, e.g. filter_decisions (repeatable)",
     )
+    mat.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     mat.set_defaults(func=cmd_materialize)
 
     apply = sub.add_parser("apply", help="DESTRUCTIVE: apply the decisions to a directory dataset (undoable)")
@@ -338,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="refresh the decisions and the HTML report")
     report.add_argument("--project", required=True)
+    report.add_argument("--in-process", action="store_true", help=IN_PROCESS_HELP)
     report.set_defaults(func=cmd_report)
 
     val = sub.add_parser("validate", help="validate project files")

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from curation_assets.assets.apply import apply_job_name, restore_job_name
-from curation_assets.assets.runs import failure_message, materialize_project, materialize_selection, run_job
+from curation_assets.assets.runs import materialize_project, materialize_selection, run_job
 from curation_assets.config import PROJECTS_DIR, deep_merge, load_project_dict
 from curation_assets.core.images import load_rgb
 from curation_assets.definitions import build_definitions
@@ -248,7 +248,7 @@ def test_apply_refuses_without_confirm_and_a_backup_inside_the_dataset(run):
     defs, instance, project = run["defs"], run["instance"], run["project"]
     before = tree_hashes(run["images"])
     result = run_job(defs, instance, apply_job_name(project))
-    assert not result.success and "confirm" in failure_message(result)
+    assert not result.success and "confirm" in result.message
     inside = project.model_copy(
         update={"apply": project.apply.model_copy(update={"backup_root": str(run["images"] / "backup")})}
     )
@@ -258,7 +258,7 @@ def test_apply_refuses_without_confirm_and_a_backup_inside_the_dataset(run):
         apply_job_name(inside),
         {"ops": {f"{project.name}_apply": {"config": {"confirm": True}}}},
     )
-    assert not result.success and "inside" in failure_message(result)
+    assert not result.success and "inside" in result.message
     assert tree_hashes(run["images"]) == before
 
 
@@ -267,7 +267,7 @@ def test_apply_then_restore_gives_back_a_bit_identical_tree(run):
     before = tree_hashes(images)
     confirm = {"ops": {f"{project.name}_apply": {"config": {"confirm": True}}}}
     result = run_job(defs, instance, apply_job_name(project), confirm)
-    assert result.success, failure_message(result)
+    assert result.success, result.message
     decisions = run["decisions"]
     moved = decisions.filter(
         (pl.col("action") == "remove")
@@ -284,7 +284,7 @@ def test_apply_then_restore_gives_back_a_bit_identical_tree(run):
     for rel, digest in before.items():
         assert after.get(rel) == digest or backed.get(rel) == digest, rel
     result = run_job(defs, instance, restore_job_name(project))
-    assert result.success, failure_message(result)
+    assert result.success, result.message
     assert tree_hashes(images) == before
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from curation_assets.config import SanitizeStage, load_project_dict
-from curation_assets.core import sanitize
+from curation_assets.core import pool, sanitize
 from curation_assets.core.images import ImageReadError, load_rgb, normalize_image, read_bytes
 from curation_assets.core.reasons import Reason
 from curation_assets.core.sanitize import (
@@ -408,13 +408,13 @@ def test_runner_keeps_order_and_survives_bad_items(tmp_path, rules, monkeypatch,
     items.insert(9, SanitizeItem("folder", str(tmp_path), name="folder.jpg"))
     items.insert(11, SanitizeItem("past_end", str(tmp_path / "zero.jpg"), offset=512, size=100, name="m.jpg"))
     pools: list[int] = []
-    real_run_pool = sanitize._run_pool
+    real_start_pool = pool._start_pool
 
-    def spy(chunks, plain, n_workers, *rest):
+    def spy(n_workers):
         pools.append(n_workers)
-        return real_run_pool(chunks, plain, n_workers, *rest)
+        return real_start_pool(n_workers)
 
-    monkeypatch.setattr(sanitize, "_run_pool", spy)
+    monkeypatch.setattr(pool, "_start_pool", spy)
     calls: list[tuple[int, int, float]] = []
     config = rules.model_copy(update={"workers": workers, "chunk_size": 3, "max_in_flight": 1})
     rows = sanitize_items(items, config, progress=lambda *args: calls.append(args))

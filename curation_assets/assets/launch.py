@@ -15,6 +15,7 @@ monitoring does under `dagster dev`, so a headless run never waits forever.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,10 +29,12 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import ModuleTarget
 
 from curation_assets.assets.project import CODE_LOCATION_MODULE, MAX_RUNTIME_TAG
+from curation_assets.config import PROJECTS_ENV, ProjectConfig, ProjectConfigError, project_files
 
 LOCATION_NAME = "curation_assets"
 PARTITION_TAG = "dagster/partition"
 POLL_SECONDS = 0.2
+TERMINATE_GRACE_SECONDS = 15.0  # how long a terminated run worker gets to stop before it is failed
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,19 @@ class InProcessRuns:
         )
         message = "" if result.success else failure_message(self.instance, result.run_id)
         return RunOutcome(result.run_id, result.success, message, time.perf_counter() - start)
+
+
+def serve_project(project: ProjectConfig) -> None:
+    """Make the code location load ``project``: its file joins $CURATION_PROJECTS when it is not
+    among the project files already (e.g. `curate materialize --project path/to/file.yaml`)."""
+    if any(Path(f).resolve() == Path(project.source or "").resolve() for f in project_files()):
+        return
+    if not project.source or not Path(project.source).is_file():
+        raise ProjectConfigError(
+            f"project {project.name!r} has no project file a code location could load "
+            "(run it in process instead: --in-process)"
+        )
+    os.environ[PROJECTS_ENV] = os.pathsep.join(filter(None, [os.environ.get(PROJECTS_ENV), project.source]))
 
 
 @contextmanager
@@ -202,9 +218,14 @@ class LaunchedRuns:
             time.sleep(POLL_SECONDS)
 
     def _stop(self, run: dg.DagsterRun, limit: float, start: float) -> RunOutcome:
-        message = f"exceeded the maximum runtime of {limit:.0f} s (runs.*_max_runtime_seconds): terminated"
+        """Terminate a run past its limit and mark it failed, as the daemon's run monitoring does."""
+        message = f"exceeded the maximum runtime of {limit:.0f} s (the dagster/max_runtime tag): terminated"
         self.instance.report_run_canceling(run, message=message)
         self.instance.run_launcher.terminate(run.run_id)
-        if not self.instance.get_run_by_id(run.run_id).is_finished:
-            self.instance.report_run_failed(run, message)
+        deadline = time.perf_counter() + TERMINATE_GRACE_SECONDS
+        while not self.instance.get_run_by_id(run.run_id).is_finished and time.perf_counter() < deadline:
+            time.sleep(POLL_SECONDS)
+        # A worker that honoured the termination marked the run canceled; either way it failed.
+        if self.instance.get_run_by_id(run.run_id).status != dg.DagsterRunStatus.FAILURE:
+            self.instance.report_run_failed(self.instance.get_run_by_id(run.run_id), message)
         return RunOutcome(run.run_id, False, message, time.perf_counter() - start)

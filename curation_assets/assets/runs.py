@@ -2,6 +2,9 @@
 
 The runs go through the same jobs the UI launches (one shard-job run per shard, then the
 global job), into the persistent instance under $DAGSTER_HOME, so `dagster dev` shows them.
+How a run executes is the caller's :class:`~curation_assets.assets.launch.Runs`: launched on
+the instance as the UI does (`curate`'s default), or in this process (a ``dg.Definitions``
+given instead of a ``Runs`` runs in process: tests, a debugger).
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ from curation_assets.assets.example_filters import (
     examples_signature,
 )
 from curation_assets.assets.labeled import PHASHES, perceptual_enabled, phash_signature
+from curation_assets.assets.launch import InProcessRuns, RunOutcome, Runs
 from curation_assets.assets.near_dedup import GROUPS
-from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
+from curation_assets.assets.project import (
+    build_project_definitions,
+    global_job_name,
+    per_shard_asset_names,
+    shard_job_name,
+)
 from curation_assets.assets.quality import QUALITY, quality_signature
 from curation_assets.assets.rotation import ROTATION, rotation_signature
 from curation_assets.assets.sanitize import SANITIZED
@@ -44,6 +53,7 @@ INSTANCE_TEMPLATE = Path(__file__).resolve().parent.parent / "instance" / "dagst
 GPU_POOL = "gpu"
 # Headless runs print INFO and above (progress with rates); Dagster's step events are DEBUG.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+CLI_TAGS = {"curation/trigger": "cli"}
 
 
 def dagster_home() -> Path:
@@ -72,6 +82,12 @@ class RunSummary:
     shards_skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # run descriptions that failed
     seconds: float = 0.0
+
+    def record(self, what: str, outcome: RunOutcome, echo: Callable[[str], None]) -> None:
+        """Note a failed run, and say why at once (the run goes on to the next shard)."""
+        if not outcome.success:
+            self.failed.append(f"{what} (run {outcome.run_id})")
+            echo(f"  FAILED {what}: {outcome.message}")
 
 
 def shard_is_current(
@@ -118,9 +134,14 @@ def shard_signatures(project: ProjectConfig, store: ProjectStore, key: str) -> d
     return signatures
 
 
+def as_runs(runs: Runs | dg.Definitions, instance: dg.DagsterInstance) -> Runs:
+    """``runs`` itself, or in-process runs of a ``dg.Definitions``."""
+    return InProcessRuns(runs, instance) if isinstance(runs, dg.Definitions) else runs
+
+
 def materialize_project(
     project: ProjectConfig,
-    defs: dg.Definitions,
+    runs: Runs | dg.Definitions,
     instance: dg.DagsterInstance,
     shards: list[str] | None = None,
     force: bool = False,
@@ -129,6 +150,7 @@ def materialize_project(
 ) -> RunSummary:
     """Discover shards, run the shard job for each stale (or named) shard, then the global job."""
     start = time.perf_counter()
+    runs = as_runs(runs, instance)
     store = StoreResource().for_project(project)
     pending = pending_shards(project, store, instance, persist_new_chunks=True)
     if pending.found.missing_roots:
@@ -142,7 +164,6 @@ def materialize_project(
     if unknown:
         raise ValueError(f"unknown shard(s) {unknown}; found: {sorted(known)}")
     summary = RunSummary()
-    shard_job = defs.resolve_job_def(shard_job_name(project))
     follow = project.dataset.follow_symlinks
     assets = per_shard_asset_names(project)
     for index, key in enumerate(wanted, start=1):
@@ -150,30 +171,25 @@ def materialize_project(
             summary.shards_skipped.append(key)
             continue
         echo(f"[{index}/{len(wanted)}] shard {key}")
-        result = shard_job.execute_in_process(
-            partition_key=key,
-            instance=instance,
-            raise_on_error=False,
-            tags={"curation/trigger": "cli"},
-            run_config=QUIET_CONSOLE,
-        )
+        outcome = _run(runs, shard_job_name(project), partition_key=key)
+        summary.record(f"shard {key}", outcome, echo)
         summary.shards_run.append(key)
-        if not result.success:
-            summary.failed.append(f"shard {key} (run {result.run_id})")
     if summary.shards_skipped:
         echo(f"{len(summary.shards_skipped)} shard(s) already up to date (use --force to redo them)")
-    if run_global and global_job_name(project) in {job.name for job in defs.resolve_all_job_defs()}:
+    if run_global and has_global_job(project):
         echo("global assets")
-        result = defs.resolve_job_def(global_job_name(project)).execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            tags={"curation/trigger": "cli"},
-            run_config=QUIET_CONSOLE,
-        )
-        if not result.success:
-            summary.failed.append(f"global job (run {result.run_id})")
+        summary.record("global job", _run(runs, global_job_name(project)), echo)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run(runs: Runs, job_name: str, **kwargs) -> RunOutcome:
+    return runs.run(job_name, tags=CLI_TAGS, run_config=QUIET_CONSOLE, **kwargs)
+
+
+def has_global_job(project: ProjectConfig) -> bool:
+    defs = build_project_definitions(project)
+    return global_job_name(project) in {job.name for job in defs.jobs or []}
 
 
 def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) -> Funnel | None:
@@ -191,71 +207,53 @@ def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) ->
 
 def materialize_selection(
     project: ProjectConfig,
-    defs: dg.Definitions,
+    runs: Runs | dg.Definitions,
     instance: dg.DagsterInstance,
     names: list[str],
     echo: Callable[[str], None] = print,
 ) -> RunSummary:
     """Materialize only the named assets (without the project prefix): per-shard ones for every
-    known shard, then global ones, in one run each, through the same asset definitions."""
+    known shard (a shard-job run each), then global ones (one global-job run)."""
     start = time.perf_counter()
-    assets = [a for a in defs.assets or [] if isinstance(a, dg.AssetsDefinition)]
-    by_name = {
-        key.path[-1]: (asset, key) for asset in assets for key in asset.keys if key.path[0] == project.name
-    }
-    unknown = sorted(set(names) - set(by_name))
+    runs = as_runs(runs, instance)
+    defs = build_project_definitions(project)
+    known = {key.path[-1] for asset in defs.assets or [] for key in asset.keys}
+    unknown = sorted(set(names) - known)
     if unknown:
-        raise ValueError(f"unknown asset(s) {unknown} in project {project.name}; known: {sorted(by_name)}")
-    per_shard = [n for n in names if by_name[n][0].partitions_def is not None]
-    global_names = [n for n in names if n not in per_shard]
-    resources = dict(defs.resources or {})
+        raise ValueError(f"unknown asset(s) {unknown} in project {project.name}; known: {sorted(known)}")
+    per_shard_names = set(per_shard_asset_names(project))
+    per_shard = [n for n in names if n in per_shard_names]
+    global_names = [n for n in names if n not in per_shard_names]
     summary = RunSummary()
 
-    def run(selected: list[str], partition_key: str | None = None) -> dg.ExecuteInProcessResult:
-        return dg.materialize(
-            assets,
-            selection=[by_name[n][1] for n in selected],
-            partition_key=partition_key,
-            instance=instance,
-            resources=resources,
-            raise_on_error=False,
-            tags={"curation/trigger": "cli"},
-            run_config=QUIET_CONSOLE,
-        )
+    def keys(selected: list[str]) -> list[dg.AssetKey]:
+        return [dg.AssetKey([project.name, n]) for n in selected]
 
     if per_shard:
         shards = sorted(instance.get_dynamic_partitions(partitions_name(project)))
         for index, key in enumerate(shards, start=1):
             echo(f"[{index}/{len(shards)}] {', '.join(per_shard)} for shard {key}")
-            result = run(per_shard, key)
+            outcome = _run(runs, shard_job_name(project), partition_key=key, asset_keys=keys(per_shard))
+            summary.record(f"shard {key}", outcome, echo)
             summary.shards_run.append(key)
-            if not result.success:
-                summary.failed.append(f"shard {key} (run {result.run_id})")
     if global_names:
         echo(", ".join(global_names))
-        result = run(global_names)
-        if not result.success:
-            summary.failed.append(f"{', '.join(global_names)} (run {result.run_id})")
+        outcome = _run(runs, global_job_name(project), asset_keys=keys(global_names))
+        summary.record(", ".join(global_names), outcome, echo)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def run_job(
     defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, run_config: dict | None = None
-) -> dg.ExecuteInProcessResult:
-    """Run one of the project's jobs (apply, restore) in the persistent instance."""
+) -> RunOutcome:
+    """Run one of the project's op jobs (apply, restore) in this process, in the persistent instance.
+
+    In process on purpose: `curate apply --backup-root` changes the project for this run only,
+    which a run launched from the code location would not see.
+    """
     config = {**QUIET_CONSOLE, **(run_config or {})}
-    return defs.resolve_job_def(job_name).execute_in_process(
-        instance=instance, raise_on_error=False, tags={"curation/trigger": "cli"}, run_config=config
-    )
-
-
-def failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """The first step failure's message (what dg.Failure said), for a CLI summary."""
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            return event.step_failure_data.error.message.strip()
-    return f"run {result.run_id} failed"
+    return InProcessRuns(defs, instance).run(job_name, tags=CLI_TAGS, run_config=config)
 
 
 def curation_summary(project: ProjectConfig, store: ProjectStore | None = None) -> str | None:

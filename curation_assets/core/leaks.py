@@ -32,8 +32,6 @@ Pure library: no Dagster import.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
 import faiss
@@ -44,6 +42,7 @@ from scipy.fft import dctn
 
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.index import VectorIndex, find_pairs, prepare
+from curation_assets.core.pool import map_chunks
 
 if TYPE_CHECKING:  # decode imports torch: hashing workers should not pay for it
     from curation_assets.core.decode import ImageRef
@@ -124,8 +123,17 @@ def _hash_one(where: _Where) -> tuple[str, int | None, str | None]:
         return image_id, None, describe_error(exc)
 
 
-def _hash_batch(batch: list[_Where]) -> list[tuple[str, int | None, str | None]]:
+def _hash_batch(batch: Sequence[_Where]) -> list[tuple[str, int | None, str | None]]:
+    """Worker entry point (module level so that forkserver/spawn workers can import it)."""
     return [_hash_one(where) for where in batch]
+
+
+def _failed_hash(where: _Where, exc: BaseException) -> tuple[str, int | None, str | None]:
+    return where[0], None, describe_error(exc)
+
+
+def _died_hash(where: _Where, exc: BaseException) -> tuple[str, int | None, str | None]:
+    return where[0], None, "the worker process died while hashing this image"
 
 
 def hash_images(
@@ -138,32 +146,27 @@ def hash_images(
 
     Decoding uses JPEG draft mode (a 32 px thumbnail needs no full-size decode), the same
     read path as every other stage (:func:`load_rgb`: EXIF orientation applied, RGB).
-    ``workers`` > 0 hashes in that many spawned processes; the output is the same and in
-    the order of ``refs``. ``progress(done, total)`` is called as batches finish.
+    ``workers`` > 1 hashes in that many processes started for this call
+    (:func:`~curation_assets.core.pool.map_chunks`); the output is the same and in the order
+    of ``refs``. An image that kills its worker process gets a null hash and an error
+    saying so. ``progress(done, total)`` is called first with 0, then as batches finish.
     """
     wheres = [(r.image_id, r.source_path, r.offset, r.size) for r in refs]
-    total = len(wheres)
-    batches = [wheres[start : start + batch_size] for start in range(0, total, batch_size)]
-    rows: list[tuple[str, int | None, str | None]] = []
-    done = 0
-    if progress:
-        progress(0, total)
-    if workers <= 0 or len(batches) <= 1:
-        results = map(_hash_batch, batches)
-        pool = None
-    else:
-        # spawn: the caller may hold threads (Dagster, polars); fork could copy a held lock
-        pool = ProcessPoolExecutor(min(workers, len(batches)), mp_context=get_context("spawn"))
-        results = pool.map(_hash_batch, batches)
-    try:
-        for batch in results:
-            rows.extend(batch)
-            done += len(batch)
-            if progress:
-                progress(done, total)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+
+    def report(done: int, total: int, images_per_second: float) -> None:
+        if progress:  # the runner also reports a rate; this callback takes (done, total)
+            progress(done, total)
+
+    report(0, len(wheres), 0.0)
+    rows = map_chunks(
+        wheres,
+        _hash_batch,
+        workers=max(1, workers),
+        chunk_size=batch_size,
+        failed_row=_failed_hash,
+        died_row=_died_hash,
+        progress=report,
+    )
     return pl.DataFrame(rows, schema=HASHES_SCHEMA, orient="row")
 
 

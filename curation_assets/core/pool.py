@@ -1,26 +1,30 @@
-"""Run chunked work in worker processes, surviving workers that die.
+"""Run a function over many items in chunks, in worker processes scoped to the call.
 
-One loop shared by the per-file stages (sanitize, quality). Why it looks like this:
+The one pool runner of the per-file stages (sanitize, quality scores, perceptual hashes):
+they keep only their worker function and their row builders. Why it looks like this:
 
-* Bounded memory: at most ``in_flight`` tasks are submitted at once, so a
-  million-file shard never sits in the executor's queue (nor do its results).
-* A worker that dies (a decoder segfault, the OOM killer) breaks the whole pool, but
-  only the chunks in flight (and those not yet submitted) are lost; every finished
-  chunk keeps its rows.
-* The lost chunks are then retried one item at a time in a one-worker pool
-  (:func:`isolate`): the item that kills that worker again is the culprit and gets a
-  failure row; a fresh worker takes the next item.
-
-Callers keep what differs: their worker function (module level, so that spawn and
-forkserver workers can import it), their pool, and their failure rows.
+* No pool outlives the call. A pool kept for the life of the process keeps worker
+  processes that ``multiprocessing`` joins at interpreter exit while they wait on their
+  queue, so a Dagster step process that had used one never exited (issue 12). Starting
+  workers from the fork server costs well under a second, against shards of minutes.
+* Bounded memory: at most ``workers * in_flight_per_worker`` tasks are submitted at once,
+  so a million-file shard never sits in the executor's queue (nor do its results).
+* A worker that dies (a decoder segfault, the OOM killer) breaks its whole pool, but only
+  the chunks in flight are lost: finished chunks keep their rows, and chunks not yet
+  submitted go to a fresh pool. The lost chunks are retried once, one item at a time in a
+  one-worker pool: the item that kills that worker again is the culprit and gets
+  ``died_row``; a fresh worker takes the next item.
+* A call that raises (KeyboardInterrupt, an exception from ``progress``) terminates its
+  workers instead of waiting for chunks whose rows nobody will read.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
@@ -28,70 +32,157 @@ from typing import Any, TypeVar
 Item = TypeVar("Item")
 Row = TypeVar("Row")
 
-Chunk = tuple[int, tuple[Item, ...]]  # (index of the first item, items)
-Worker = Callable[..., list[Row]]  # worker(items, *args) -> one row per item
-OnRows = Callable[[int, list[Row]], None]  # on_rows(index of the first item, rows)
-FailedRow = Callable[[Item, BaseException], Row]  # a row for an item whose task failed
 Progress = Callable[[int, int, float], None]  # progress(done, total, items_per_second)
+_Chunk = tuple[int, tuple[Any, ...]]  # (index of the first item, items)
+
+# How long a terminated worker (and then the executor's manager thread) may take to go:
+# past it the worker is killed, so stopping a pool never hangs the caller.
+_STOP_TIMEOUT_S = 10.0
 
 
-def split_chunks(items: Sequence[Item], chunk_size: int) -> list[Chunk]:
-    """Consecutive tasks of ``chunk_size`` items, each tagged with the index of its first item."""
+def pool_context() -> BaseContext:
+    """The start method of every worker process: forkserver where available, else spawn."""
+    # Not "fork": the caller runs threads (Dagster's, polars', torch's OpenMP/MKL pools),
+    # and a child forked from a multi-threaded process can block forever on a lock another
+    # thread held at the fork. forkserver forks each worker from a small single-threaded
+    # server instead, without starting an interpreter per worker as spawn does; Dagster's
+    # multiprocess executor uses it too. Like spawn, a worker re-imports the main module
+    # when that is a script file: such scripts keep heavy imports under their
+    # `if __name__ == "__main__":` guard. Windows has only spawn.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def map_chunks(
+    items: Sequence[Item],
+    worker: Callable[..., list[Row]],
+    args: tuple[Any, ...] = (),
+    *,
+    workers: int,
+    chunk_size: int,
+    in_flight_per_worker: int = 4,
+    failed_row: Callable[[Item, BaseException], Row],
+    died_row: Callable[[Item, BaseException], Row],
+    progress: Progress | None = None,
+) -> list[Row]:
+    """``worker(chunk, *args)`` over ``items`` in chunks of ``chunk_size``; one row per item, in item order.
+
+    ``worker`` takes a tuple of items and returns one row per item; it is a module-level
+    function (forkserver and spawn workers import it by name) whose items and arguments
+    pickle. It runs in this process when ``workers`` <= 1, when everything fits in one
+    chunk, or when this process is daemonic (a pool worker may not start children);
+    otherwise in at most ``workers`` processes started for this call and stopped before it
+    returns or raises.
+
+    Nothing a worker does makes the call raise or hang: a chunk whose task raises (say, a
+    row that would not pickle) gets ``failed_row(item, exc)`` for each of its items; an
+    item that kills its worker process twice (once in its chunk, once alone) gets
+    ``died_row(item, exc)``. ``progress(done, total, items_per_second)`` follows each
+    chunk; an exception it raises is the caller's and propagates (after the workers are
+    stopped).
+    """
+    chunks = _split_chunks(items, chunk_size)
+    collected = _OrderedRows(len(items), progress)
+    workers = min(int(workers), len(chunks))
+    if workers <= 1 or multiprocessing.current_process().daemon:
+        for chunk in chunks:
+            try:
+                chunk_rows = worker(chunk[1], *args)
+            except Exception as exc:  # the same rows a pooled task that raises gets
+                chunk_rows = [failed_row(item, exc) for item in chunk[1]]
+            collected.add(chunk, chunk_rows)
+        return collected.rows
+    pending = deque(chunks)
+    in_flight = workers * max(1, int(in_flight_per_worker))
+    while pending:  # one round per pool: a dead worker ends a round, a fresh pool starts the next
+        lost = _run_round(pending, worker, args, workers, in_flight, collected, failed_row)
+        if lost:
+            _isolate(lost, worker, args, collected, failed_row, died_row)
+    return collected.rows
+
+
+def _split_chunks(items: Sequence[Any], chunk_size: int) -> list[_Chunk]:
     size = max(1, int(chunk_size))
     return [(start, tuple(items[start : start + size])) for start in range(0, len(items), size)]
 
 
-class OrderedRows:
-    """Collects chunk rows in item order as tasks finish (in any order), reporting progress.
+class _OrderedRows:
+    """Collects chunk rows in item order as chunks finish (in any order), reporting progress."""
 
-    Pass the instance as ``on_rows``; ``rows`` holds one row per item once every chunk is in.
-    """
-
-    def __init__(self, total: int, progress: Progress | None = None):
+    def __init__(self, total: int, progress: Progress | None):
         self.rows: list[Any] = [None] * total
         self.total, self.done, self.progress = total, 0, progress
         self.started = time.perf_counter()
 
-    def __call__(self, start: int, chunk_rows: list[Any]) -> None:
-        self.rows[start : start + len(chunk_rows)] = chunk_rows
-        self.done += len(chunk_rows)
+    def add(self, chunk: _Chunk, chunk_rows: list[Any]) -> None:
+        start, part = chunk
+        if len(chunk_rows) != len(part):  # a worker bug would otherwise shift every later row
+            raise ValueError(f"the worker returned {len(chunk_rows)} rows for {len(part)} items")
+        self.rows[start : start + len(part)] = chunk_rows
+        self.done += len(part)
         if self.progress is not None:
             elapsed = max(time.perf_counter() - self.started, 1e-9)
             self.progress(self.done, self.total, self.done / elapsed)
 
 
-def run_chunks(
-    pool: Executor,
-    worker: Worker[Row],
-    args: tuple[Any, ...],
-    chunks: Sequence[Chunk[Item]],
-    in_flight: int,
-    on_rows: OnRows[Row],
-    failed_row: FailedRow[Item, Row],
-    release: Callable[[bool], None],
-) -> list[Chunk[Item]]:
-    """Run ``worker(items, *args)`` for each chunk in ``pool``; return the chunks lost to a broken pool.
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=pool_context())
 
-    At most ``in_flight`` tasks are submitted at once (bounded memory). Each finished
-    chunk's rows go to ``on_rows``; a task that raises (e.g. a result that would not
-    pickle) is blamed alone: ``failed_row(item, exc)`` for each of its items. A dead
-    worker breaks the pool: the chunks in flight and those never submitted are returned,
-    sorted, for :func:`isolate`. ``release(broken)`` is called once at the end, also
-    when an exception (from ``on_rows``, say) propagates; ``broken`` says whether the
-    pool broke, i.e. whether any chunk was lost.
+
+def _stop_pool(pool: ProcessPoolExecutor, *, graceful: bool) -> None:
+    """Shut ``pool`` down and leave none of its processes alive.
+
+    ``graceful``: every task is done, the workers exit on their own and are joined.
+    Otherwise (a broken pool, or the call is raising) nothing is waited for: queued tasks
+    are cancelled and workers still alive are terminated, then killed if they linger.
     """
-    pending = deque(chunks)
-    lost: list[Chunk[Item]] = []
+    if graceful:
+        pool.shutdown(wait=True)
+        return
+    # Private attributes: the executor hands out neither its processes nor its manager
+    # thread, and shutdown(wait=False) forgets both.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():  # SIGTERM caught or ignored; SIGKILL cannot be
+            process.kill()
+            process.join(_STOP_TIMEOUT_S)
+    if manager is not None:  # it notices the dead workers, fails their futures and returns
+        manager.join(_STOP_TIMEOUT_S)
+
+
+def _run_round(
+    pending: deque[_Chunk],
+    worker: Callable[..., list[Any]],
+    args: tuple[Any, ...],
+    workers: int,
+    in_flight: int,
+    collected: _OrderedRows,
+    failed_row: Callable[[Any, BaseException], Any],
+) -> list[_Chunk]:
+    """Run chunks from ``pending`` in one fresh pool until none is left or a worker dies.
+
+    Returns the chunks lost with a broken pool (submitted, never finished), sorted;
+    chunks never submitted stay in ``pending`` for the next round.
+    """
+    pool = _start_pool(min(workers, len(pending)))
+    running: dict[Future[list[Any]], _Chunk] = {}
+    lost: list[_Chunk] = []
+    broken = graceful = False
     try:
-        running: dict[Future[list[Row]], Chunk[Item]] = {}
-        broken = False
         while running or (pending and not broken):
             while pending and not broken and len(running) < in_flight:
                 chunk = pending.popleft()
                 try:
                     running[pool.submit(worker, chunk[1], *args)] = chunk
-                except (BrokenProcessPool, RuntimeError):  # RuntimeError: shut down meanwhile
-                    lost.append(chunk)
+                except BrokenProcessPool:  # a worker died meanwhile: this chunk never ran
+                    pending.appendleft(chunk)
                     broken = True
             if not running:
                 break
@@ -104,41 +195,43 @@ def run_chunks(
                     lost.append(chunk)
                     broken = True
                     continue
-                except Exception as exc:  # e.g. a result that would not pickle: blame the task
+                except Exception as exc:  # e.g. a row that would not pickle: blame the task
                     chunk_rows = [failed_row(item, exc) for item in chunk[1]]
-                on_rows(chunk[0], chunk_rows)
+                collected.add(chunk, chunk_rows)
+        graceful = not broken
     finally:
-        release(bool(lost))
-    lost.extend(pending)
+        _stop_pool(pool, graceful=graceful)
     return sorted(lost, key=lambda chunk: chunk[0])
 
 
-def isolate(
-    lost: Sequence[Chunk[Item]],
-    mp_context: BaseContext,
-    worker: Worker[Row],
+def _isolate(
+    lost: Sequence[_Chunk],
+    worker: Callable[..., list[Any]],
     args: tuple[Any, ...],
-    on_rows: OnRows[Row],
-    failed_row: FailedRow[Item, Row],
-    died_row: FailedRow[Item, Row],
+    collected: _OrderedRows,
+    failed_row: Callable[[Any, BaseException], Any],
+    died_row: Callable[[Any, BaseException], Any],
 ) -> None:
     """Re-run the items of chunks lost with a broken pool one at a time, in a one-worker pool.
 
-    A broken pool fails every task in flight, so the item that killed the worker is
-    found by running each item alone: the one that breaks the pool again gets
-    ``died_row(item, exc)`` and a fresh worker takes the next item. An item whose task
-    raises otherwise gets ``failed_row(item, exc)``. Rows go to ``on_rows(index, [row])``.
+    A broken pool fails every task in flight, so the item that killed the worker is found
+    by running each item alone: the one that breaks the pool again gets ``died_row`` and a
+    fresh worker takes the next item.
     """
     queue = deque((start + offset, item) for start, part in lost for offset, item in enumerate(part))
     while queue:
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp_context) as pool:
-            while queue:
+        pool = _start_pool(1)
+        broken = graceful = False
+        try:
+            while queue and not broken:
                 index, item = queue.popleft()
                 try:
                     chunk_rows = pool.submit(worker, (item,), *args).result()
                 except BrokenProcessPool as exc:
-                    on_rows(index, [died_row(item, exc)])
-                    break  # this pool is broken: the next item gets a fresh one
+                    chunk_rows, broken = [died_row(item, exc)], True
                 except Exception as exc:
                     chunk_rows = [failed_row(item, exc)]
-                on_rows(index, chunk_rows)
+                collected.add((index, (item,)), chunk_rows)
+            graceful = not broken
+        finally:
+            _stop_pool(pool, graceful=graceful)

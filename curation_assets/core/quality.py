@@ -16,10 +16,8 @@ objects (:func:`quality_rules`), so a flag and a removal always agree.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -30,7 +28,7 @@ from scipy import ndimage
 
 from curation_assets.core.filters import FilterRule
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.pool import OrderedRows, isolate, run_chunks, split_chunks
+from curation_assets.core.pool import map_chunks
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.decode import ImageRef
@@ -186,14 +184,6 @@ def _score_chunk(refs: tuple[_Ref, ...]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- many images
 
 Progress = Callable[[int, "int | None", "float | None"], None]
-Chunk = tuple[int, tuple[_Ref, ...]]  # (index of the first ref, refs)
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # Not "fork": the caller may hold threads (Dagster, torch, polars) whose locks a forked
-    # child could inherit held. forkserver forks workers from a small clean process.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
 
 
 def _cpu_count() -> int:
@@ -201,6 +191,14 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def _error_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, describe_error(exc))
+
+
+def _died_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, "the worker process died scoring this image")
 
 
 def score_images(
@@ -217,47 +215,21 @@ def score_images(
     worker are queued, so memory stays bounded on large shards. An image that fails gets
     null scores and an ``error``; one that kills its worker process is found by scoring
     the lost images one at a time, and gets an error saying so. ``progress(done, total,
-    images_per_second)`` is called after each task.
+    images_per_second)`` is called after each task. The worker processes live for this
+    call only (:func:`~curation_assets.core.pool.map_chunks`).
     """
-    refs = [_Ref(r.image_id, r.source_path, r.offset, r.size, r.width, r.height) for r in refs]
-    chunks: list[Chunk] = split_chunks(refs, chunk_size)
-    workers = int(workers) if workers > 0 else _cpu_count()
-    finished = OrderedRows(len(refs), progress)
-
-    # A daemonic process (a multiprocessing pool's worker) may not start children.
-    if workers <= 1 or len(chunks) <= 1 or multiprocessing.current_process().daemon:
-        for start, part in chunks:
-            finished(start, _score_chunk(part))
-    else:
-        lost = _run_pool(chunks, min(workers, len(chunks)), finished)
-        if lost:
-            _isolate(lost, finished)
-    return pl.DataFrame(finished.rows, schema=QUALITY_COLUMNS)
-
-
-def _run_pool(
-    chunks: Sequence[Chunk], workers: int, finished: Callable[[int, list[dict[str, Any]]], None]
-) -> list[Chunk]:
-    """Score chunks in a pool with bounded submission; return the chunks lost to a broken pool."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
-
-    def release(broken: bool) -> None:
-        pool.shutdown(wait=not broken, cancel_futures=True)
-
-    return run_chunks(pool, _score_chunk, (), chunks, 4 * workers, finished, _error_row, release)
-
-
-def _error_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
-    return _empty_row(ref.image_id, describe_error(exc))
-
-
-def _died_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
-    return _empty_row(ref.image_id, "the worker process died scoring this image")
-
-
-def _isolate(lost: Sequence[Chunk], finished: Callable[[int, list[dict[str, Any]]], None]) -> None:
-    """Score the images of lost chunks one at a time in a one-worker pool, replacing it when it dies."""
-    isolate(lost, _pool_context(), _score_chunk, (), finished, _error_row, _died_row)
+    plain = [_Ref(r.image_id, r.source_path, r.offset, r.size, r.width, r.height) for r in refs]
+    rows = map_chunks(
+        plain,
+        _score_chunk,
+        workers=int(workers) if workers > 0 else _cpu_count(),
+        chunk_size=chunk_size,
+        in_flight_per_worker=4,
+        failed_row=_error_row,
+        died_row=_died_row,
+        progress=progress,
+    )
+    return pl.DataFrame(rows, schema=QUALITY_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- the checks

@@ -21,11 +21,8 @@ decoded. A failed decode is not a gate: the header still tells mode and geometry
 from __future__ import annotations
 
 import io
-import multiprocessing
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -52,7 +49,7 @@ from curation_assets.core.images import (
     normalize_image,
     read_bytes,
 )
-from curation_assets.core.pool import OrderedRows, isolate, run_chunks, split_chunks
+from curation_assets.core.pool import map_chunks
 from curation_assets.core.reasons import ALWAYS_REJECT, FIX_ORDER, Fix, Reason, Severity, status_of
 
 if TYPE_CHECKING:
@@ -657,53 +654,12 @@ def _failed_row(item: SanitizeItem, what: str, exc: BaseException) -> dict[str, 
     return {"image_id": item.image_id, **row}
 
 
-# Pools kept for the life of the process, one per worker count, so that a process that
-# sanitizes shard after shard (an in-process Dagster run, the CLI) starts its workers once.
-_POOLS: dict[int, tuple[int, ProcessPoolExecutor]] = {}  # workers -> (owning pid, pool)
-_POOLS_LOCK = threading.Lock()
+def _unreturned_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
+    return _failed_row(item, "the worker could not return this row", exc)
 
 
-def _shared_pool(workers: int) -> ProcessPoolExecutor:
-    with _POOLS_LOCK:
-        entry = _POOLS.get(workers)
-        if entry is not None and entry[0] == os.getpid():
-            return entry[1]
-        # None yet, or one inherited through a fork (its workers belong to the parent).
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
-        _POOLS[workers] = (os.getpid(), pool)
-        return pool
-
-
-def _drop_pool(workers: int, pool: ProcessPoolExecutor) -> None:
-    with _POOLS_LOCK:
-        if _POOLS.get(workers, (0, None))[1] is pool:
-            del _POOLS[workers]
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def shutdown_pools() -> None:
-    """Stop the shared worker processes (they are also stopped when the interpreter exits)."""
-    with _POOLS_LOCK:
-        pools = [pool for _, pool in _POOLS.values()]
-        _POOLS.clear()
-    for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # Not "fork": the calling process may have imported torch (OpenMP/MKL thread pools,
-    # CUDA) and runs Dagster's threads; forking a multi-threaded process can leave the
-    # child blocked forever on a lock another thread held at the fork. "forkserver" forks
-    # each worker from a small single-threaded server process instead, so no interpreter
-    # starts per worker (as with "spawn"); Dagster's multiprocess executor uses it too.
-    # Like spawn, a worker re-imports the main module when that is a script file (not for
-    # `python -m ...` entry points): keep heavy imports of such scripts under the
-    # `if __name__ == "__main__":` guard. Windows has only "spawn".
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
-
-
-Chunk = tuple[int, tuple[SanitizeItem, ...]]  # (index of the first item, items)
+def _died_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
+    return _failed_row(item, "the worker process died while checking this file", exc)
 
 
 def sanitize_items(
@@ -723,67 +679,17 @@ def sanitize_items(
     (an exception raised by ``progress`` itself is the caller's and propagates).
 
     Runs inline, without processes, when workers is 1 or everything fits in one task.
-    The worker processes are kept for the next call in this process (one pool per
-    worker count; :func:`shutdown_pools` stops them), so shard after shard pays their
-    start once.
+    The worker processes live for this call only (:func:`~curation_assets.core.pool.map_chunks`),
+    so the process that called it can always exit.
     """
-    items = list(items)
-    total = len(items)
-    if total == 0:
-        return []
-    plain = _plain_rules(rules)
-    chunks: list[Chunk] = split_chunks(items, getattr(rules, "chunk_size", 16))
-    # The pool is sized (and kept, see _shared_pool) by the configured count; a shard of
-    # few chunks simply leaves some workers idle.
-    workers = int(getattr(rules, "workers", 0)) or os.cpu_count() or 1
-    in_flight = workers * max(1, int(getattr(rules, "max_in_flight", 4)))
-
-    finished = OrderedRows(total, progress)
-
-    # A daemonic process (e.g. a multiprocessing pool's worker) may not start children.
-    if workers <= 1 or len(chunks) <= 1 or multiprocessing.current_process().daemon:
-        for start, part in chunks:
-            finished(start, _check_chunk(part, plain))
-    else:
-        lost = _run_pool(chunks, plain, workers, in_flight, finished)
-        if lost:
-            _isolate(lost, plain, finished)
-    assert all(row is not None for row in finished.rows)
-    return finished.rows
-
-
-def _run_pool(
-    chunks: Sequence[Chunk],
-    rules: _Rules,
-    workers: int,
-    in_flight: int,
-    finished: Callable[[int, list[dict[str, Any]]], None],
-) -> list[Chunk]:
-    """Run chunks in the shared pool with bounded submission; return the chunks lost to a broken pool."""
-    pool = _shared_pool(workers)
-
-    def release(broken: bool) -> None:
-        if broken:  # a worker died: this pool is broken for good
-            _drop_pool(workers, pool)
-
-    return run_chunks(pool, _check_chunk, (rules,), chunks, in_flight, finished, _unreturned_row, release)
-
-
-def _unreturned_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
-    return _failed_row(item, "the worker could not return this row", exc)
-
-
-def _died_row(item: SanitizeItem, exc: BaseException) -> dict[str, Any]:
-    return _failed_row(item, "the worker process died while checking this file", exc)
-
-
-def _isolate(
-    lost: Sequence[Chunk], rules: _Rules, finished: Callable[[int, list[dict[str, Any]]], None]
-) -> None:
-    """Re-run the files of tasks lost with a broken pool one at a time, in one worker.
-
-    A broken pool fails every task in flight, so the file that killed the worker is
-    found by running each file alone: the one that breaks the pool again is blamed
-    (``decode_error``) and a fresh worker takes the next file.
-    """
-    isolate(lost, _pool_context(), _check_chunk, (rules,), finished, _unreturned_row, _died_row)
+    return map_chunks(
+        items,
+        _check_chunk,
+        (_plain_rules(rules),),
+        workers=int(getattr(rules, "workers", 0)) or os.cpu_count() or 1,
+        chunk_size=getattr(rules, "chunk_size", 16),
+        in_flight_per_worker=getattr(rules, "max_in_flight", 4),
+        failed_row=_unreturned_row,
+        died_row=_died_row,
+        progress=progress,
+    )
