@@ -8,6 +8,7 @@ tests fail instead of hanging.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -222,6 +223,32 @@ def test_a_run_past_its_max_runtime_is_failed_with_a_message(launched: Launched)
     assert not outcome.success
     assert "maximum runtime" in outcome.message
     assert env.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+
+
+def test_run_monitoring_fails_a_run_past_the_project_max_runtime(launched: Launched):
+    """Under `dagster dev`, the daemon's run monitoring reads the job's max runtime tag (from the
+    project file) and fails the run with a message, so one stuck run never holds the queue."""
+    from dagster._daemon.monitoring.run_monitoring import check_run_timeout
+
+    env = launched
+    assert env.instance.run_monitoring_enabled  # our instance template turns it on
+    write_shard(env.images, "stuck", 200, seed=7, size=(1024, 768))
+    env.instance.add_dynamic_partitions(partitions_name(env.project), ["stuck"])
+    run = env.runs.create_run(shard_job_name(env.project), partition_key="stuck")
+    env.instance.add_run_tags(run.run_id, {"dagster/max_runtime": "1"})
+    env.instance.launch_run(run.run_id, env.runs.workspace.create_request_context())
+    deadline = time.monotonic() + 60
+    while env.instance.get_run_by_id(run.run_id).status != dg.DagsterRunStatus.STARTED:
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.1)
+    time.sleep(1.5)
+    record = env.instance.get_run_record_by_id(run.run_id)
+    check_run_timeout(
+        env.instance, record, logging.getLogger("test"), env.instance.run_monitoring_max_runtime_seconds
+    )
+    assert env.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    failures = env.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    assert any("maximum runtime" in (event.message or "") for event in failures)
 
 
 def test_headless_runner_launches_shard_and_global_runs(launched: Launched):

@@ -38,7 +38,6 @@ import faiss
 import numpy as np
 import polars as pl
 from PIL import Image
-from scipy.fft import dctn
 
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.index import VectorIndex, find_pairs, prepare
@@ -97,6 +96,8 @@ def perceptual_hash(image: Image.Image) -> int:
     The median makes the hash blind to brightness and contrast changes and sets half the
     bits (so distances between hashes are usually even).
     """
+    from scipy.fft import dctn  # imported here: the asset module and runner load this module
+
     grey = image.convert("L").resize((HASH_SIZE, HASH_SIZE), Image.Resampling.LANCZOS)
     coefficients = dctn(np.asarray(grey, dtype=np.float64), type=2, norm="ortho")
     block = coefficients[:HASH_BLOCK, :HASH_BLOCK].reshape(-1)

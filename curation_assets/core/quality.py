@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import polars as pl
 from PIL import Image
-from scipy import ndimage
 
 from curation_assets.core.filters import FilterRule
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
@@ -86,6 +85,8 @@ def blur_score(grey: np.ndarray) -> float:
     relative to the picture, not to its pixel count. An image with no structure at all
     (a flat colour) scores 0. NaN for images under 3x3 pixels.
     """
+    from scipy import ndimage  # here, not at the top: listing and signatures stay light
+
     if grey.shape[0] < 3 or grey.shape[1] < 3:
         return float("nan")
     grey = grey.astype(np.float32, copy=False)
