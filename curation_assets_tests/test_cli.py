@@ -27,6 +27,8 @@ def test_curate_demo_materializes_into_the_persistent_instance(tmp_path: Path, m
         runs = instance.get_runs()
         assert {r.job_name for r in runs} == {"demo_shard_job", "demo_global_job"}
         assert all(r.is_success for r in runs)
+        # launched on the instance from the code location, as the UI launches them
+        assert all(r.remote_job_origin is not None for r in runs)
         assert set(instance.get_dynamic_partitions("demo_shards")) == {"shard-00", "shard-01"}
     assert (tmp_path / "home" / "store" / "demo" / "exact_duplicates" / "exact_duplicates.parquet").is_file()
 

@@ -31,7 +31,6 @@ from dagster._core.workspace.load_target import ModuleTarget
 from curation_assets.assets.project import CODE_LOCATION_MODULE, MAX_RUNTIME_TAG
 from curation_assets.config import PROJECTS_ENV, ProjectConfig, ProjectConfigError, project_files
 
-LOCATION_NAME = "curation_assets"
 PARTITION_TAG = "dagster/partition"
 POLL_SECONDS = 0.2
 TERMINATE_GRACE_SECONDS = 15.0  # how long a terminated run worker gets to stop before it is failed
@@ -116,23 +115,35 @@ def serve_project(project: ProjectConfig) -> None:
 
 
 @contextmanager
-def code_location(instance: dg.DagsterInstance) -> Iterator[WorkspaceProcessContext]:
-    """The project's code location, loaded in a code server subprocess as `dagster dev` loads it.
+def code_location(
+    instance: dg.DagsterInstance, module: str = CODE_LOCATION_MODULE, working_directory: Path | None = None
+) -> Iterator[WorkspaceProcessContext]:
+    """A code location (default: this project's) loaded in a code server subprocess, as `dagster dev`
+    loads it. Its name is the module's.
 
     The server and the run workers it starts inherit this process's environment, so
     $CURATION_PROJECTS and $CURATION_HOME name the same projects and store here and there.
     """
     target = ModuleTarget(
-        module_name=CODE_LOCATION_MODULE,
+        module_name=module,
         attribute=None,
-        working_directory=str(Path.cwd()),
-        location_name=LOCATION_NAME,
+        working_directory=str(working_directory or Path.cwd()),
+        location_name=module,
     )
     with WorkspaceProcessContext(instance, target) as workspace:
-        entry = workspace.create_request_context().get_code_location_entries()[LOCATION_NAME]
+        entry = workspace.create_request_context().get_code_location_entries()[module]
         if entry.load_error is not None:
-            raise RuntimeError(f"code location {CODE_LOCATION_MODULE} failed to load:\n{entry.load_error}")
+            raise RuntimeError(f"code location {module} failed to load:\n{entry.load_error}")
         yield workspace
+
+
+@dataclass(frozen=True)
+class _JobPlan:
+    """What a run of one job and asset selection is created from (the same for every partition)."""
+
+    repo: Any
+    job: Any
+    plan: Any
 
 
 class LaunchedRuns:
@@ -140,6 +151,8 @@ class LaunchedRuns:
 
     def __init__(self, instance: dg.DagsterInstance, workspace: WorkspaceProcessContext):
         self.instance, self.workspace = instance, workspace
+        self.location_name = next(iter(workspace.create_request_context().get_code_location_entries()))
+        self._plans: dict[tuple, _JobPlan] = {}
 
     def run(
         self,
@@ -164,44 +177,52 @@ class LaunchedRuns:
         tags: Mapping[str, str] | None = None,
     ) -> dg.DagsterRun:
         """A NOT_STARTED run of ``job_name`` built from the code server's snapshot (what the UI creates)."""
-        context = self.workspace.create_request_context()
-        location = context.get_code_location(LOCATION_NAME)
-        repo = location.get_repository(next(iter(location.get_repository_names())))
-        selector = JobSubsetSelector(
-            location_name=LOCATION_NAME,
-            repository_name=repo.name,
-            job_name=job_name,
-            op_selection=None,
-            asset_selection=asset_keys or None,
-        )
-        job = location.get_job(selector)
         run_config = dict(run_config or {})
-        plan = location.get_execution_plan(
-            job, run_config, step_keys_to_execute=None, known_state=None, instance=self.instance
-        ).execution_plan_snapshot
-        all_tags = {**job.tags, **(tags or {})}
+        found = self._job_plan(job_name, frozenset(asset_keys or ()), run_config)
+        all_tags = {**found.job.tags, **(tags or {})}
         if partition_key is not None:
             all_tags[PARTITION_TAG] = partition_key
         return self.instance.create_run(
             job_name=job_name,
             run_id=None,
             run_config=run_config,
-            resolved_op_selection=job.resolved_op_selection,
-            step_keys_to_execute=plan.step_keys_to_execute,
+            resolved_op_selection=found.job.resolved_op_selection,
+            step_keys_to_execute=found.plan.step_keys_to_execute,
             op_selection=None,
             status=None,
             root_run_id=None,
             parent_run_id=None,
             tags=all_tags,
-            job_snapshot=job.job_snapshot,
-            execution_plan_snapshot=plan,
-            parent_job_snapshot=job.parent_job_snapshot,
-            remote_job_origin=job.get_remote_origin(),
-            job_code_origin=job.get_python_origin(),
+            job_snapshot=found.job.job_snapshot,
+            execution_plan_snapshot=found.plan,
+            parent_job_snapshot=found.job.parent_job_snapshot,
+            remote_job_origin=found.job.get_remote_origin(),
+            job_code_origin=found.job.get_python_origin(),
             asset_selection=frozenset(asset_keys) if asset_keys else None,
             asset_check_selection=None,
-            asset_graph=repo.asset_graph,
+            asset_graph=found.repo.asset_graph,
         )
+
+    def _job_plan(self, job_name: str, asset_keys: frozenset, run_config: dict[str, Any]) -> _JobPlan:
+        """The job's snapshot and execution plan from the code server, asked once per job, selection
+        and run config: a shard run's plan does not depend on its partition."""
+        key = (job_name, asset_keys, repr(sorted(run_config.items())))
+        if key not in self._plans:
+            location = self.workspace.create_request_context().get_code_location(self.location_name)
+            repo = location.get_repository(next(iter(location.get_repository_names())))
+            selector = JobSubsetSelector(
+                location_name=self.location_name,
+                repository_name=repo.name,
+                job_name=job_name,
+                op_selection=None,
+                asset_selection=asset_keys or None,
+            )
+            job = location.get_job(selector)
+            plan = location.get_execution_plan(
+                job, run_config, step_keys_to_execute=None, known_state=None, instance=self.instance
+            ).execution_plan_snapshot
+            self._plans[key] = _JobPlan(repo, job, plan)
+        return self._plans[key]
 
     def wait(self, run_id: str, start: float | None = None) -> RunOutcome:
         """Wait for a launched run; past its max runtime, terminate it and mark it failed."""
