@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +14,27 @@ from PIL import Image
 from curation_assets.config import ProjectConfig, deep_merge, load_project_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
+
+
+def sensor_tick(
+    defs: dg.Definitions, project: ProjectConfig, instance: dg.DagsterInstance, cursor: str | None = None
+) -> dg.SensorResult:
+    """One evaluation of the project's discovery sensor (``cursor``: the previous tick's), with its
+    partition additions and deletions applied to ``instance`` as the daemon applies them."""
+    from curation_assets.resources.store import StoreResource
+
+    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"store": StoreResource()}
+    ) as ctx:
+        result = sensor(ctx)
+    for request in result.dynamic_partitions_requests or []:
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
 
 
 def make_project(tmp_path: Path, roots: dict[str, str] | str, **overrides: Any) -> ProjectConfig:

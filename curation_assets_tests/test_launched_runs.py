@@ -33,7 +33,7 @@ from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import load_project
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import StoreResource
-from curation_assets_tests.conftest import write_photo
+from curation_assets_tests.conftest import sensor_tick, write_photo
 
 # Launched runs start code servers and run workers: keep them on one xdist worker, one at a time.
 pytestmark = pytest.mark.xdist_group("launched_runs")
@@ -94,20 +94,6 @@ def launched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Launch
     instance.dispose()
 
 
-def sensor_tick(project, instance: dg.DagsterInstance) -> dg.SensorResult:
-    """Evaluate the discovery sensor and apply its partition requests, as the daemon does."""
-    sensor = build_definitions([project]).resolve_sensor_def(f"{project.name}_discovery_sensor")
-    with dg.build_sensor_context(instance=instance, resources={"store": StoreResource()}) as context:
-        result = sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
-            for key in request.partition_keys:
-                instance.delete_dynamic_partition(request.partitions_def_name, key)
-        else:
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
-
-
 def launch_requests(env: Launched, result: dg.SensorResult) -> list[str]:
     """Launch every run the sensor requested through the instance's run launcher; their job names."""
     launched = []
@@ -126,7 +112,7 @@ def test_sensor_launched_runs_then_removed_shard_leaves_curation(launched: Launc
     # planted exact and near duplicates across shards, so the global job has work to do
     shutil.copy(env.images / "part-a" / "img_0000.jpg", env.images / "part-b" / "copy_of_a0.jpg")
 
-    first = sensor_tick(env.project, env.instance)
+    first = sensor_tick(build_definitions([env.project]), env.project, env.instance)
     assert sorted(r.partition_key for r in first.run_requests) == ["part-a", "part-b"]
     assert launch_requests(env, first) == [shard_job_name(env.project)] * 2
     store = StoreResource().for_project(env.project)
@@ -141,7 +127,7 @@ def test_sensor_launched_runs_then_removed_shard_leaves_curation(launched: Launc
 
     # the pool shrinks: part-b leaves; the sensor retires it and requests the global job
     shutil.rmtree(env.images / "part-b")
-    second = sensor_tick(env.project, env.instance)
+    second = sensor_tick(build_definitions([env.project]), env.project, env.instance)
     assert env.instance.get_dynamic_partitions(partitions_name(env.project)) == ["part-a"]
     assert launch_requests(env, second) == [global_job_name(env.project)]
     decided = pl.read_parquet(decisions_path(store))

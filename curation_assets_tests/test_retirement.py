@@ -32,23 +32,9 @@ from curation_assets.core.retirement import (
 )
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import ProjectStore, StoreResource
-from curation_assets_tests.conftest import make_project, write_photo
+from curation_assets_tests.conftest import make_project, sensor_tick, write_photo
 
 SHARDS = ("a", "b", "c")
-
-
-def _tick(defs: dg.Definitions, project, instance: dg.DagsterInstance) -> dg.SensorResult:
-    """One sensor evaluation, with its partition changes applied as the daemon applies them."""
-    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
-    with dg.build_sensor_context(instance=instance, resources={"store": StoreResource()}) as context:
-        result = sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
-            for key in request.partition_keys:
-                instance.delete_dynamic_partition(request.partitions_def_name, key)
-        else:
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
 
 
 def _run(defs: dg.Definitions, instance: dg.DagsterInstance, job: str, key: str | None = None) -> None:
@@ -76,7 +62,7 @@ def test_removed_shard_is_retired_and_leaves_decisions_export_and_report(tmp_pat
     store = StoreResource().for_project(project)
     instance = dg.DagsterInstance.ephemeral()
 
-    for request in _tick(defs, project, instance).run_requests:
+    for request in sensor_tick(defs, project, instance).run_requests:
         assert request.job_name == shard_job_name(project)
         _run(defs, instance, shard_job_name(project), request.partition_key)
     _run(defs, instance, global_job_name(project))
@@ -86,7 +72,7 @@ def test_removed_shard_is_retired_and_leaves_decisions_export_and_report(tmp_pat
     shutil.rmtree(root / "c")  # a shard leaves the pool
     (root / "a" / "2.jpg").unlink()  # and a file leaves a kept shard
     os.utime(root / "a", ns=(1, 1))  # a fingerprint change even within the clock's resolution
-    result = _tick(defs, project, instance)
+    result = sensor_tick(defs, project, instance)
 
     by_job = {(r.job_name, r.partition_key) for r in result.run_requests}
     assert by_job == {(shard_job_name(project), "a"), (global_job_name(project), None)}
@@ -127,7 +113,7 @@ def test_removed_shard_is_retired_and_leaves_decisions_export_and_report(tmp_pat
     metadata = report.asset_materialization.metadata
     assert (metadata["retired_shards"].value, metadata["retired_images"].value) == (1, 3)
 
-    quiet = _tick(defs, project, instance)  # retired once: no second batch, no second global run
+    quiet = sensor_tick(defs, project, instance)  # retired once: no second batch, no second global run
     assert not quiet.run_requests and len(load_batches(store.root)) == 1
 
 

@@ -11,17 +11,7 @@ import polars as pl
 from curation_assets.assets.project import shard_job_name
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import StoreResource
-from curation_assets_tests.conftest import make_project, write_photo
-
-
-def _tick(defs: dg.Definitions, project, instance: dg.DagsterInstance) -> dg.SensorResult:
-    """One sensor evaluation, with its partition additions applied as the daemon would."""
-    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
-    with dg.build_sensor_context(instance=instance, resources={"store": StoreResource()}) as context:
-        result = sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result
+from curation_assets_tests.conftest import make_project, sensor_tick, write_photo
 
 
 def _run(defs: dg.Definitions, project, instance: dg.DagsterInstance, key: str) -> None:
@@ -45,7 +35,7 @@ def test_new_shard_is_added_and_run_alone(tmp_path: Path):
     defs = build_definitions([project])
     instance = dg.DagsterInstance.ephemeral()
 
-    first = _tick(defs, project, instance)
+    first = sensor_tick(defs, project, instance)
     assert sorted(r.partition_key for r in first.run_requests) == ["a", "b"]
     assert set(instance.get_dynamic_partitions("testproj_shards")) == {"a", "b"}
     for request in first.run_requests:
@@ -54,12 +44,12 @@ def test_new_shard_is_added_and_run_alone(tmp_path: Path):
     before = {asset: _stamps(store.asset_dir(asset)) for asset in ("image_inventory", "sanitized_images")}
     assert all(set(files) == {"a.parquet", "b.parquet"} for files in before.values())
 
-    quiet = _tick(defs, project, instance)
+    quiet = sensor_tick(defs, project, instance)
     assert not quiet.run_requests and "none new or changed" in quiet.skip_reason.skip_message
 
     for i in range(2):
         write_photo(root / "c" / f"{i}.jpg", 500 + i)
-    second = _tick(defs, project, instance)
+    second = sensor_tick(defs, project, instance)
     assert [r.partition_key for r in second.run_requests] == ["c"]
     assert second.run_requests[0].tags["curation/shard_reason"] == "new"
     assert [list(r.partition_keys) for r in second.dynamic_partitions_requests] == [["c"]]
@@ -81,7 +71,7 @@ def test_changed_shard_is_rerun_and_refresh_waits_for_it(tmp_path: Path):
 
 
 def _rerun_changed_shard(defs: dg.Definitions, project, instance: dg.DagsterInstance, root: Path) -> None:
-    for request in _tick(defs, project, instance).run_requests:
+    for request in sensor_tick(defs, project, instance).run_requests:
         _run(defs, project, instance, request.partition_key)
 
     schedule = defs.resolve_schedule_def("testproj_refresh_schedule")
@@ -90,7 +80,7 @@ def _rerun_changed_shard(defs: dg.Definitions, project, instance: dg.DagsterInst
 
     os.utime(root / "a", ns=(1, 1))
     write_photo(root / "a" / "1.jpg", 2)
-    changed = _tick(defs, project, instance)
+    changed = sensor_tick(defs, project, instance)
     assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [
         ("a", "changed")
     ]
@@ -102,22 +92,8 @@ def _rerun_changed_shard(defs: dg.Definitions, project, instance: dg.DagsterInst
 def test_missing_root_is_a_skip_not_a_crash(tmp_path: Path):
     project = make_project(tmp_path, str(tmp_path / "not-there"))
     defs = build_definitions([project])
-    result = _tick(defs, project, dg.DagsterInstance.ephemeral())
+    result = sensor_tick(defs, project, dg.DagsterInstance.ephemeral())
     assert not result.run_requests and "roots not found" in result.skip_reason.skip_message
-
-
-def _cursor_tick(
-    defs: dg.Definitions, project, instance: dg.DagsterInstance, cursor: str | None
-) -> tuple[dg.SensorResult, str | None]:
-    """A daemon-like tick: the previous tick's cursor in, partition additions applied."""
-    sensor = defs.resolve_sensor_def(f"{project.name}_discovery_sensor")
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"store": StoreResource()}
-    ) as context:
-        result = sensor(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return result, result.cursor
 
 
 def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monkeypatch):
@@ -140,7 +116,8 @@ def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monke
     requested: list[str] = []
     cursor = None
     for batch in (400, 400, 200):
-        result, cursor = _cursor_tick(defs, project, instance, cursor)
+        result = sensor_tick(defs, project, instance, cursor)
+        cursor = result.cursor
         assert len(result.run_requests) == batch
         assert {r.tags["curation/shard_reason"] for r in result.run_requests} == {"new"}
         requested += [r.partition_key for r in result.run_requests]
@@ -154,17 +131,19 @@ def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monke
     assert len(instance.get_dynamic_partitions("testproj_shards")) == 1000
 
     footers.clear()
-    steady, cursor = _cursor_tick(defs, project, instance, cursor)
+    steady = sensor_tick(defs, project, instance, cursor)
+    cursor = steady.cursor
     assert not steady.run_requests and "none new or changed" in steady.skip_reason.skip_message
     assert footers == []  # unchanged shards: no inventory read at all
     assert cursor is not None and len(cursor) < 8000  # bounded, whatever the pool size
 
     os.utime(root / "s0123", ns=(1, 1))  # one shard changes
-    changed, cursor = _cursor_tick(defs, project, instance, cursor)
+    changed = sensor_tick(defs, project, instance, cursor)
+    cursor = changed.cursor
     assert [(r.partition_key, r.tags["curation/shard_reason"]) for r in changed.run_requests] == [
         ("s0123", "changed")
     ]
     assert "s0123" in footers and len(footers) < 20  # only its bucket's inventories were read
     assert changed.run_requests[0].run_key == "s0123:dir:1"
-    again, _ = _cursor_tick(defs, project, instance, cursor)
+    again = sensor_tick(defs, project, instance, cursor)
     assert not again.run_requests

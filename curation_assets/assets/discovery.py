@@ -294,6 +294,8 @@ def build_discovery_sensor(
                     tags={
                         "curation/trigger": "shards_retired",
                         "curation/retired_shards": str(len(retired.batch.shards)),
+                        # queued behind this tick's shard runs (the queue takes higher first)
+                        "dagster/priority": "-1",
                     },
                 )
             )

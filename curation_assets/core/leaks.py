@@ -44,7 +44,7 @@ from curation_assets.core.index import VectorIndex, find_pairs, prepare
 from curation_assets.core.pool import map_chunks
 
 if TYPE_CHECKING:  # decode imports torch: hashing workers should not pay for it
-    from curation_assets.core.decode import ImageRef
+    from curation_assets.core.images import ImageRef
 
 METHODS: tuple[str, ...] = ("exact", "perceptual", "semantic")  # strongest first
 LEAK_TYPES: dict[str, str] = {
@@ -110,31 +110,25 @@ def hamming_distance(a: int, b: int) -> int:
     return (int(a) ^ int(b)).bit_count()
 
 
-# What a worker needs of an ImageRef: plain tuples, so unpickling them imports nothing (an
-# ImageRef would make every spawned worker import decode and with it torch: seconds each).
-_Where = tuple[str, str, int | None, int | None]  # image_id, source_path, offset, size
-
-
-def _hash_one(where: _Where) -> tuple[str, int | None, str | None]:
-    image_id, source_path, offset, size = where
+def _hash_one(ref: ImageRef) -> tuple[str, int | None, str | None]:
     try:
-        data = read_bytes(source_path, offset, size)
-        return image_id, perceptual_hash(load_rgb(data, draft_size=DRAFT_SIZE)), None
+        data = read_bytes(ref.source_path, ref.offset, ref.size)
+        return ref.image_id, perceptual_hash(load_rgb(data, draft_size=DRAFT_SIZE)), None
     except Exception as exc:  # one unreadable image is a recorded error, never a failed batch
-        return image_id, None, describe_error(exc)
+        return ref.image_id, None, describe_error(exc)
 
 
-def _hash_batch(batch: Sequence[_Where]) -> list[tuple[str, int | None, str | None]]:
+def _hash_batch(batch: Sequence[ImageRef]) -> list[tuple[str, int | None, str | None]]:
     """Worker entry point (module level so that forkserver/spawn workers can import it)."""
-    return [_hash_one(where) for where in batch]
+    return [_hash_one(ref) for ref in batch]
 
 
-def _failed_hash(where: _Where, exc: BaseException) -> tuple[str, int | None, str | None]:
-    return where[0], None, describe_error(exc)
+def _failed_hash(ref: ImageRef, exc: BaseException) -> tuple[str, int | None, str | None]:
+    return ref.image_id, None, describe_error(exc)
 
 
-def _died_hash(where: _Where, exc: BaseException) -> tuple[str, int | None, str | None]:
-    return where[0], None, "the worker process died while hashing this image"
+def _died_hash(ref: ImageRef, exc: BaseException) -> tuple[str, int | None, str | None]:
+    return ref.image_id, None, "the worker process died while hashing this image"
 
 
 def hash_images(
@@ -152,15 +146,14 @@ def hash_images(
     of ``refs``. An image that kills its worker process gets a null hash and an error
     saying so. ``progress(done, total)`` is called first with 0, then as batches finish.
     """
-    wheres = [(r.image_id, r.source_path, r.offset, r.size) for r in refs]
 
     def report(done: int, total: int, images_per_second: float) -> None:
         if progress:  # the runner also reports a rate; this callback takes (done, total)
             progress(done, total)
 
-    report(0, len(wheres), 0.0)
+    report(0, len(refs), 0.0)
     rows = map_chunks(
-        wheres,
+        refs,
         _hash_batch,
         workers=max(1, workers),
         chunk_size=batch_size,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -30,7 +30,7 @@ from curation_assets.core.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.pool import map_chunks
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
-    from curation_assets.core.decode import ImageRef
+    from curation_assets.core.images import ImageRef
 
 QUALITY_VERSION = 1  # bump when a score's definition changes: stored scores are recomputed
 
@@ -150,18 +150,7 @@ def _empty_row(image_id: str, error: str) -> dict[str, Any]:
     return {"image_id": image_id, **dict.fromkeys(SCORE_NAMES), "error": error}
 
 
-class _Ref(NamedTuple):
-    """What a worker needs of an :class:`ImageRef` (a plain tuple: unpickling it imports nothing)."""
-
-    image_id: str
-    source_path: str
-    offset: int | None
-    size: int | None
-    width: int
-    height: int
-
-
-def score_ref(ref: ImageRef | _Ref) -> dict[str, Any]:
+def score_ref(ref: ImageRef) -> dict[str, Any]:
     """One row of :data:`QUALITY_COLUMNS` for ``ref``; a failure is recorded in ``error``, never raised."""
     try:
         data = read_bytes(ref.source_path, ref.offset, ref.size)
@@ -177,7 +166,7 @@ def score_ref(ref: ImageRef | _Ref) -> dict[str, Any]:
     return row
 
 
-def _score_chunk(refs: tuple[_Ref, ...]) -> list[dict[str, Any]]:
+def _score_chunk(refs: tuple[ImageRef, ...]) -> list[dict[str, Any]]:
     """Worker entry point (module level so that forkserver/spawn workers can import it)."""
     return [score_ref(ref) for ref in refs]
 
@@ -194,11 +183,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _error_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+def _error_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
     return _empty_row(ref.image_id, describe_error(exc))
 
 
-def _died_row(ref: _Ref, exc: BaseException) -> dict[str, Any]:
+def _died_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
     return _empty_row(ref.image_id, "the worker process died scoring this image")
 
 
@@ -219,9 +208,8 @@ def score_images(
     images_per_second)`` is called after each task. The worker processes live for this
     call only (:func:`~curation_assets.core.pool.map_chunks`).
     """
-    plain = [_Ref(r.image_id, r.source_path, r.offset, r.size, r.width, r.height) for r in refs]
     rows = map_chunks(
-        plain,
+        refs,
         _score_chunk,
         workers=int(workers) if workers > 0 else _cpu_count(),
         chunk_size=chunk_size,
