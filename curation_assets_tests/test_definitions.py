@@ -42,6 +42,27 @@ def test_per_shard_assets_are_partitioned_and_global_ones_are_not():
     assert inventory.group_name == "demo_ingest"
 
 
+def test_jobs_run_in_process_with_max_runtimes_and_backfills_run_one_shard_per_run(tmp_path):
+    project = make_project(
+        tmp_path, str(tmp_path), runs={"shard_max_runtime_seconds": 60, "global_max_runtime_seconds": 0}
+    )
+    definitions = build_definitions([project])
+    shard_job = definitions.resolve_job_def("testproj_shard_job")
+    assert shard_job.executor_def.name == "in_process"
+    assert shard_job.tags["dagster/max_runtime"] == "60"  # what run monitoring reads
+    assert "dagster/max_runtime" not in definitions.resolve_job_def("testproj_global_job").tags  # 0: none
+    graph = definitions.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.partitions_def is not None:  # a backfill of N shards is N runs of one shard each
+            assert node.backfill_policy == dg.BackfillPolicy.multi_run(max_partitions_per_run=1)
+    forked = make_project(
+        tmp_path, str(tmp_path), runs={"executor": "multiprocess", "max_concurrent_steps": 3}
+    )
+    executor = build_definitions([forked]).resolve_job_def("testproj_shard_job").executor_def
+    assert executor.name == "forkserver_multiprocess"
+
+
 def test_a_disabled_stage_is_absent_from_the_graph(tmp_path):
     project = make_project(tmp_path, str(tmp_path), stages={"exact_dedup": {"enabled": False}})
     keys = _keys(build_definitions([project]))

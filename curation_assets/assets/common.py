@@ -11,7 +11,7 @@ import polars as pl
 
 from curation_assets.config import ProjectConfig
 
-# core.models (torch, torchvision) is imported where a model is loaded: every asset module
+# core.models (torch) is imported where a model is loaded: every asset module
 # imports this one, and loading the Definitions must stay cheap (issue 12).
 if TYPE_CHECKING:
     from curation_assets.core.models import LoadedModel
