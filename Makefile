@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/dedup.py --sizes 200000 1000000
 	$(BIN)/python benchmarks/kmeans.py
+	$(BIN)/python benchmarks/orchestration.py
 
 clean:
 	rm -rf $(CURATION_HOME)
