@@ -3,7 +3,8 @@
 curate demo                      generate the demo data if missing, materialize it, print the funnel
 curate demo-data --out DIR       generate a demo dataset (images, examples, ground truth)
 curate demo-labeled              generate the labeled demo (train/test, planted leaks), materialize it
-curate materialize --project P   run every stale shard of P, then its global assets
+curate materialize --project P   run every stale shard of P, then its global assets (launched
+                                 on the instance as the UI does; --in-process: in this process)
                  [--select A ...]  only these assets (every shard for per-shard ones)
 curate apply --project P --confirm   DESTRUCTIVE: move removed files to the backup, fix in place
 curate restore --project P       undo apply from its journal (bit-identical files back)

@@ -176,7 +176,7 @@ def materialize_project(
         summary.shards_run.append(key)
     if summary.shards_skipped:
         echo(f"{len(summary.shards_skipped)} shard(s) already up to date (use --force to redo them)")
-    if run_global and has_global_job(project):
+    if run_global:  # every project has a global job: curation_decisions is global
         echo("global assets")
         summary.record("global job", _run(runs, global_job_name(project)), echo)
     summary.seconds = time.perf_counter() - start
@@ -185,11 +185,6 @@ def materialize_project(
 
 def _run(runs: Runs, job_name: str, **kwargs) -> RunOutcome:
     return runs.run(job_name, tags=CLI_TAGS, run_config=QUIET_CONSOLE, **kwargs)
-
-
-def has_global_job(project: ProjectConfig) -> bool:
-    defs = build_project_definitions(project)
-    return global_job_name(project) in {job.name for job in defs.jobs or []}
 
 
 def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) -> Funnel | None:
