@@ -7,7 +7,7 @@ curate materialize --project P   run every stale shard of P, then its global ass
                                  on the instance as the UI does; --in-process: in this process)
                  [--select A ...]  only these assets (every shard for per-shard ones)
 curate apply --project P --confirm   DESTRUCTIVE: move removed files to the backup, fix in place
-curate restore --project P       undo apply from its journal (bit-identical files back)
+curate restore --project P       undo the latest unrestored apply (bit-identical files back)
 curate report --project P        refresh the decisions and the HTML report, print where it is
 curate validate [FILE ...]       validate project files (default: all known projects)
 curate shards --project P        list the shards discovery finds
@@ -206,6 +206,7 @@ def _materialize(
 
 
 def _with_backup_root(project, backup_root: str | None):
+    """The project with ``--backup-root`` in place of its file's (apply records it; no repeat on restore)."""
     if not backup_root:
         return project
     root = str(Path(backup_root).expanduser().resolve())
@@ -224,12 +225,16 @@ def _run_destructive(project, job: str, run_config: dict | None) -> int:
     if not result.success:
         print(f"error: {result.message}", file=sys.stderr)
         return 1
+    # The run logs quietly (QUIET_CONSOLE); what a user must see is in its observation's metadata.
     observations = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
     for record in observations.records:
         event = record.event_log_entry.dagster_event
-        applied = event.event_specific_data.asset_observation.metadata.get("applied")
-        if applied is not None:
-            _print("applied: " + ", ".join(f"{k} {v}" for k, v in applied.value.items()))
+        metadata = event.event_specific_data.asset_observation.metadata
+        if (choice := metadata.get("restore_choice")) is not None:
+            _print(choice.value)
+        for what in ("applied", "restored"):
+            if (counts := metadata.get(what)) is not None:
+                _print(f"{what}: " + ", ".join(f"{k} {v}" for k, v in counts.value.items()))
     _print(f"{job} finished in {time.perf_counter() - started:.1f} s (run {result.run_id})")
     return 0
 
@@ -252,8 +257,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from curation_assets.assets.apply import restore_job_name
 
-    project = _with_backup_root(_project(args.project), args.backup_root)
-    return _run_destructive(project, restore_job_name(project), None)
+    # --backup-root goes to the job as run config (an explicit choice); without it the job
+    # finds the latest unrestored apply in the store's registry.
+    project = _project(args.project)
+    config = None
+    if args.backup_root:
+        root = str(Path(args.backup_root).expanduser().resolve())
+        config = {"ops": {f"{project.name}_restore": {"config": {"backup_root": root}}}}
+    return _run_destructive(project, restore_job_name(project), config)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -367,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = sub.add_parser("restore", help="undo apply from its journal")
     restore.add_argument("--project", required=True)
-    restore.add_argument("--backup-root", help="override apply.backup_root of the project file")
+    restore.add_argument(
+        "--backup-root", help="restore the apply made to this backup root (default: the latest unrestored)"
+    )
     restore.set_defaults(func=cmd_restore)
 
     report = sub.add_parser("report", help="refresh the decisions and the HTML report")

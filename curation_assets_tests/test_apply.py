@@ -18,8 +18,13 @@ from curation_assets.core.apply import (
     SimulatedCrash,
     actions_frame,
     apply_actions,
+    journal_restored,
     plan_actions,
+    read_registry,
+    record_apply,
+    record_restore,
     restore_journal,
+    unrestored_applies,
 )
 from curation_assets_tests.test_export import build_dataset, pixels, plan_frame, tree_hashes
 
@@ -324,3 +329,70 @@ def test_a_second_run_on_a_journal_in_use_is_refused(setup) -> None:
         with pytest.raises(ApplyRefused, match="another apply or restore"):
             restore_journal(s["journal"])
     assert run_apply(s).failed == []
+
+
+# ------------------------------------------------------------------ issue 13: the registry of applies
+
+
+def test_the_registry_finds_the_latest_unrestored_apply_and_marks_restores(setup) -> None:
+    s = setup
+    original = dataset_state(s)
+    registry = s["tmp"] / "store" / "apply_journals" / "applies.json"
+    assert read_registry(registry) == [] and unrestored_applies([]) == []
+    half = len(s["actions"]) // 2
+    first = apply_actions(
+        s["actions"][:half],
+        roots=s["roots"],
+        backup_root=s["tmp"] / "backup_a",
+        journal_path=s["tmp"] / "backup_a" / "p.journal.jsonl",
+        confirm=True,
+    )
+    record_apply(registry, first, run_id="run-a")
+    second = apply_actions(
+        s["actions"][half:],
+        roots=s["roots"],
+        backup_root=s["tmp"] / "backup_b",
+        journal_path=s["tmp"] / "backup_b" / "p.journal.jsonl",
+        confirm=True,
+    )
+    record_apply(registry, second, run_id="run-b")
+
+    pending = unrestored_applies(read_registry(registry))
+    assert [r.journal for r in pending] == [second.journal, first.journal]  # latest first
+    assert pending[0].backup_root == second.backup_root and pending[0].run_id == "run-b"
+    assert (pending[1].removed, pending[1].fixed) == (first.removed, first.fixed)
+    assert json.loads(registry.read_text())["version"] == 1
+    assert not journal_restored(Path(second.journal))
+
+    for record in pending:
+        restored = restore_journal(Path(record.journal))
+        assert record_restore(registry, restored) is not None
+        assert journal_restored(Path(record.journal))
+    assert unrestored_applies(read_registry(registry)) == []
+    assert all(r.restored for r in read_registry(registry))
+    assert dataset_state(s) == original
+
+
+def test_a_restored_journal_archived_by_a_new_apply_keeps_its_record(setup) -> None:
+    s = setup
+    registry = s["tmp"] / "applies.json"
+    record_apply(registry, run_apply(s))
+    record_restore(registry, restore_journal(s["journal"]))
+    again = run_apply(s)
+    assert again.archived_journal.endswith(".restored-1")
+    record_apply(registry, again)
+    old, new = read_registry(registry)
+    assert old.journal == again.archived_journal and old.restored
+    assert new.journal == str(s["journal"].absolute()) and not new.restored
+    assert unrestored_applies([old, new]) == [new]
+
+
+def test_a_restore_with_conflicts_leaves_the_apply_unrestored(setup) -> None:
+    s = setup
+    registry = s["tmp"] / "applies.json"
+    record_apply(registry, run_apply(s))
+    squatted = Path(next(x for x in s["actions"] if x.kind == REMOVE).source)
+    squatted.write_bytes(b"someone put a file here")
+    record = record_restore(registry, restore_journal(s["journal"]))
+    assert record is not None and record.restore_conflicts == 1 and not record.restored
+    assert unrestored_applies(read_registry(registry)) == [record]

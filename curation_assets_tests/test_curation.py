@@ -231,14 +231,27 @@ def test_report_renders_every_section_with_real_numbers(run):
     kept = run["decisions"].filter(pl.col("action") != "remove").height
     assert f"{kept:,}" in html
     assert "example:document" in html and "quality:blur" in html
-    folder = report.parent
+    import base64
+    import io
     import re
 
-    linked = re.findall(r'src="((?:plots|thumbs)/[^"]+)"', html)
-    assert any(p.startswith("plots/") for p in linked) and any(p.startswith("thumbs/") for p in linked)
-    for rel in linked:
-        with Image.open(folder / rel) as im:
+    # issue 13: every image is inside the page (the demo is far under the budget), none linked
+    assert not re.findall(r'src="((?:plots|thumbs)/[^"]+)"', html)
+    embedded = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', html)
+    assert {kind for kind, _ in embedded} == {"png", "jpeg"}
+    for _, data in embedded:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             im.load()
+    assert "Images are embedded in this file" in html and "past the budget" not in html
+    # distances print with three decimals, never as 9.375e-08
+    assert not re.search(r"d = [0-9.]+e-", html)
+    assert re.search(r"d = \d\.\d{3}<", html)
+    # filter counts: over all scored images, and over those still in at the filter stage
+    assert "would remove" in html and "still in at this stage" in html
+    # near-duplicate pairs either side of the threshold, and each image's final decision apart
+    assert "Just under it: grouped" in html and "At or just above it: not grouped" in html
+    assert re.search(r"At or just above it: not grouped, both kept by this stage \([1-9]", html)
+    assert 'class="badge final removed"' in html and 'class="badge final kept"' in html
 
 
 # ----------------------------------------------------------------------------- issue 7: apply / restore
@@ -288,6 +301,53 @@ def test_apply_then_restore_gives_back_a_bit_identical_tree(run):
     assert tree_hashes(images) == before
 
 
+def test_cli_restore_finds_the_journal_of_an_apply_given_its_backup_root_on_the_command_line(
+    run, monkeypatch, capsys
+):
+    """Issue 13: `curate apply --backup-root DIR`, then a bare `curate restore`, puts back every file."""
+    from curation_assets.assets.apply import registry_path
+    from curation_assets.cli import main
+    from curation_assets.core.apply import read_registry
+
+    tmp, images, project = run["tmp"], run["images"], run["project"]
+    monkeypatch.setenv("CURATION_HOME", str(tmp / "cli_home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp / "cli_home" / "dagster_home"))
+    # the project file names no backup root: only the command line knows it
+    data = project.model_dump(mode="json", exclude={"source"})
+    data["apply"]["backup_root"] = None
+    project_file = tmp / "cli_project.yaml"
+    project_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = tree_hashes(images)
+
+    first, second = tmp / "cli_backup", tmp / "cli_backup_2"
+    assert main(["apply", "--project", str(project_file), "--confirm", "--backup-root", str(first)]) == 0
+    out = capsys.readouterr().out
+    journal = first.resolve() / f"{project.name}.journal.jsonl"
+    assert f"journal {journal}" in out
+    assert tree_hashes(images) != before and tree_hashes(first)
+    # a second apply to another root (finds the files gone): two unrestored applies, listed
+    assert main(["apply", "--project", str(project_file), "--confirm", "--backup-root", str(second)]) == 0
+    capsys.readouterr()
+    registry = registry_path(run["store"])
+    assert [r.journal for r in read_registry(registry) if not r.restored][-2:] == [
+        str(journal),
+        str(second.resolve() / f"{project.name}.journal.jsonl"),
+    ]
+
+    assert main(["restore", "--project", str(project_file)]) == 0
+    out = capsys.readouterr().out
+    assert "2 applies" in out and "reversing the latest" in out and str(second.resolve()) in out
+    assert main(["restore", "--project", str(project_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"journal {journal}" in out and "restored:" in out
+    assert tree_hashes(images) == before  # every file of the dataset, bit-identical
+    assert all(r.restored for r in read_registry(registry))
+
+    assert main(["restore", "--project", str(project_file)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to restore" in err and str(registry) in err
+
+
 # ----------------------------------------------------------------------------- threshold change (last: it
 # changes filter_decisions in the store)
 
@@ -324,3 +384,116 @@ def test_changing_one_threshold_touches_only_the_decision_asset(run):
     assert records_after["filter_decisions"] == records_before["filter_decisions"] + 1
     assert records_after["example_distances"] == records_before["example_distances"]
     assert records_after["quality_scores"] == records_before["quality_scores"]
+
+
+# ----------------------------------------------------------------------------- issue 13: decisions
+
+
+def test_not_sampled_only_marks_images_that_reached_sampling():
+    """A six-image project where each stage removes one: only the image still in at sampling and not
+    drawn is ``not_sampled``; earlier removals keep their own reasons alone."""
+    from curation_assets.assets.decisions import reason_hits, removed_by_stage
+    from curation_assets.core.decisions import DecisionInputs, build_decisions, decision_funnel
+
+    ids = ["bad", "copy", "near", "blurry", "undrawn", "drawn"]
+    inventory = pl.DataFrame(
+        {
+            "image_id": ids,
+            "shard": ["s"] * 6,
+            "split": ["train"] * 6,
+            "rel_path": [f"{i}.jpg" for i in ids],
+            "source_path": [f"/data/{i}.jpg" for i in ids],
+            "offset": [0] * 6,
+            "size_bytes": [10] * 6,
+            "content_hash": ids,
+        }
+    )
+    sanitized = pl.DataFrame(
+        {
+            "image_id": ids,
+            "status": ["rejected"] + ["ok"] * 5,
+            "reasons": [["truncated"]] + [[]] * 5,
+            "fixes": [[]] * 6,
+            "width": [64] * 6,
+            "height": [64] * 6,
+        },
+        schema_overrides={"reasons": pl.List(pl.String), "fixes": pl.List(pl.String)},
+    )
+    exact = pl.DataFrame(
+        {"image_id": ["copy", "drawn"], "is_keeper": [False, True], "keeper_id": ["drawn"] * 2}
+    )
+    exact = exact.with_columns(match=pl.lit("bytes"))
+    near = pl.DataFrame(
+        {
+            "image_id": ["near", "undrawn"],
+            "is_keeper": [False, True],
+            "keeper_id": ["undrawn"] * 2,
+            "distance": [0.05, 0.0],
+        }
+    )
+    filters = pl.DataFrame(
+        {
+            "image_id": ids[1:],
+            "removed": [False, False, True, False, False],
+            "removed_by": [[], [], ["quality:blur"], [], []],
+        },
+        schema_overrides={"removed_by": pl.List(pl.String)},
+    )
+    sample = pl.DataFrame({"image_id": ["drawn"]})
+    decisions = build_decisions(
+        DecisionInputs(inventory, sanitized, exact, near, filters, sample), roots={"train": "/data"}
+    )
+    by_id = {row["image_id"]: row for row in decisions.iter_rows(named=True)}
+    not_sampled = {i for i, row in by_id.items() if "not_sampled" in row["reasons"]}
+    assert not_sampled == {"undrawn"}
+    assert by_id["bad"]["reasons"] == ["sanitize:truncated"]
+    assert by_id["copy"]["reasons"] == ["exact_duplicate"]
+    assert by_id["near"]["reasons"] == ["near_duplicate"]
+    assert by_id["blurry"]["reasons"] == ["filter:quality:blur"]
+    assert by_id["drawn"]["action"] == "keep"
+    # the counts labelled images are once per removed image and add up to the funnel
+    funnel = decision_funnel(decisions, ["sanitize", "exact_dedup", "near_dedup", "filters", "sampling"])
+    stages = removed_by_stage(decisions)
+    assert stages[-1] == {"first removing stage": "total", "removed images": 5}
+    assert sum(r["removed images"] for r in stages[:-1]) == sum(r["removed"] for r in funnel) == 5
+    hits = {r["reason"]: r["reason hits"] for r in reason_hits(decisions)}
+    assert hits == {"sanitize": 1, "exact_duplicate": 1, "near_duplicate": 1, "filter": 1, "not_sampled": 1}
+
+
+def test_removed_images_by_stage_add_up_to_the_demo_funnel(run):
+    from curation_assets.assets.decision_inputs import project_stages
+    from curation_assets.assets.decisions import reason_hits, removed_by_stage
+    from curation_assets.core.decisions import decision_funnel
+
+    decisions = run["decisions"]  # the first run's: a later test changes a threshold
+    funnel = decision_funnel(decisions, project_stages(run["project"], with_sample=True))
+    removed = decisions.filter(pl.col("action") == "remove").height
+    stages = removed_by_stage(decisions)
+    assert stages[-1]["removed images"] == removed
+    assert sum(r["removed images"] for r in stages[:-1]) == removed
+    assert sum(r["removed"] for r in funnel) + funnel[0]["not_images"] == removed
+    by_stage = {r["first removing stage"]: r["removed images"] for r in stages}
+    sampled_out = {r["reason"]: r["removed images with it"] for r in reason_hits(decisions)}.get(
+        "not_sampled", 0
+    )
+    assert sampled_out == by_stage.get("sampling", 0)
+    assert not decisions.filter(
+        pl.col("reasons").list.contains("not_sampled") & (pl.col("stage") != "sampling")
+    ).height
+    # filter_decisions' "removed here" is the funnel's filter step; "would remove" counts duplicates too
+    key = dg.AssetKey([run["project"].name, "filter_decisions"])
+    first = run["instance"].fetch_materializations(key, limit=1, ascending=True).records[0]
+    metadata = first.asset_materialization.metadata
+    assert metadata["removed_here_of_still_in"].value == by_stage.get("filters", 0)
+    assert metadata["removed"].value >= metadata["removed_here_of_still_in"].value
+    assert "removed here (of still in)" in metadata["filters"].md_str
+    # curation_decisions labels what each table counts; the report's entry is a link that opens it
+    key = dg.AssetKey([run["project"].name, "curation_decisions"])
+    first = run["instance"].fetch_materializations(key, limit=1, ascending=True).records[0]
+    metadata = first.asset_materialization.metadata
+    assert f"| total | {removed} |" in metadata["removed_images_by_stage"].md_str
+    assert "| reason | reason hits | removed images with it |" in metadata["reason_hits"].md_str
+    key = dg.AssetKey([run["project"].name, "curation_report"])
+    report = run["instance"].fetch_materializations(key, limit=1).records[0].asset_materialization.metadata
+    html_path = run["store"].asset_dir("curation_report") / "report.html"
+    assert f"]({html_path.resolve().as_uri()})" in report["report"].md_str

@@ -8,6 +8,7 @@ tests fail instead of hanging.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import yaml
 
+from curation_assets.assets.apply import apply_job_name, restore_job_name
 from curation_assets.assets.decisions import decisions_path
 from curation_assets.assets.discovery import partitions_name
 from curation_assets.assets.export import export_root
@@ -81,6 +83,7 @@ def launched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Launch
                     "near_dedup": {"enabled": True, "model": "descriptor", "threshold": 0.1},
                 },
                 "export": {"layout": "symlink"},
+                "apply": {"backup_root": str(tmp_path / "backup")},
             }
         )
     )
@@ -235,6 +238,34 @@ def test_run_monitoring_fails_a_run_past_the_project_max_runtime(launched: Launc
     assert env.instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
     failures = env.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
     assert any("maximum runtime" in (event.message or "") for event in failures)
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_launched_apply_then_a_restore_without_config_gives_back_every_file(launched: Launched):
+    """The apply and restore jobs as the UI launches them: apply (confirm in its run config), then
+    restore with no config at all finds the apply's journal by itself; files come back bit-identical."""
+    env = launched
+    write_shard(env.images, "p", 40, seed=8)
+    shutil.copy(env.images / "p" / "img_0000.jpg", env.images / "p" / "dup.jpg")  # an exact duplicate
+    (env.images / "p" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # a sanitize reject
+    before = file_hashes(env.images)
+    summary = materialize_project(env.project, env.runs, env.instance, echo=lambda _: None)
+    assert summary.failed == []
+    name = env.project.name
+    confirm = {"ops": {f"{name}_apply": {"config": {"confirm": True}}}}
+    applied = env.runs.run(apply_job_name(env.project), run_config=confirm)
+    assert applied.success, applied.message
+    assert file_hashes(env.images) != before  # removed files went to the backup
+    restored = env.runs.run(restore_job_name(env.project))
+    assert restored.success, restored.message
+    assert file_hashes(env.images) == before
 
 
 def test_headless_runner_launches_shard_and_global_runs(launched: Launched):

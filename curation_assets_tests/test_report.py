@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
+import shutil
 import tarfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +21,7 @@ from curation_assets.core.report import (
     FilterSection,
     FunnelStep,
     ImageLoc,
+    NearPair,
     ReportData,
     RotationExample,
     render_report,
@@ -25,6 +29,7 @@ from curation_assets.core.report import (
     steps_from_funnel,
 )
 from curation_assets_tests.conftest import write_photo
+from curation_assets_tests.test_review import browser  # noqa: F401  (the headless Chromium fixture)
 
 HEADINGS = ["Funnel", "Near duplicates", "Filters", "Rotation", "Clusters"]
 
@@ -64,6 +69,13 @@ def _parse(path: Path) -> _Links:
     parser = _Links()
     parser.feed(path.read_text(encoding="utf-8"))
     return parser
+
+
+def _image(out: Path, src: str) -> Image.Image:
+    """The picture an ``<img src>`` shows: an embedded data URI, or a file relative to the page."""
+    if src.startswith("data:"):
+        return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    return Image.open(out / src)
 
 
 def _text(path: Path) -> str:
@@ -148,14 +160,15 @@ def test_every_section_shows_the_numbers_it_was_given(tmp_path: Path, images: li
     under = int((data.near_dup_distances < 0.08).sum())
     assert "400 candidate pairs" in text and f"{under} pairs under it" in text
     assert "threshold 0.08" in text
-    for distance in ("0.0123", "0.0456", "0.0789"):
-        assert f"d = {distance}" in text
+    for distance in ("0.012", "0.046", "0.079"):  # three decimals, never an exponent
+        assert f"d = {distance}<" in files.html.read_text()
     # Filters: removed counts computed from the scores, the scores of the edge images.
     aesthetic = data.filters[0].values
     removed = int((aesthetic[np.isfinite(aesthetic)] < 4.5).sum())
-    assert "497 images scored" in text and f"{removed} removed" in text and "3 without a score" in text
+    assert "497 images scored" in text and "3 without a score" in text
+    assert f"would remove {removed} of all 497 scored" in text
     maps = data.filters[1].values
-    assert f"{int((maps > 0.9).sum())} removed" in text
+    assert f"would remove {int((maps > 0.9).sum())} of all 300" in text
     printed = [float(x) for x in re.findall(r"score (-?[0-9.]+(?:e[-+]?[0-9]+)?)", text)]
     for _, score in data.filters[0].below + data.filters[0].above:
         assert any(abs(p - score) <= 1e-3 * abs(score) for p in printed)
@@ -170,15 +183,16 @@ def test_every_section_shows_the_numbers_it_was_given(tmp_path: Path, images: li
     assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] == files.thumbnails
 
 
-def test_every_linked_file_exists_and_opens(tmp_path: Path, images: list[ImageLoc]) -> None:
+def test_every_image_is_embedded_and_opens(tmp_path: Path, images: list[ImageLoc]) -> None:
     out = tmp_path / "report"
     files = render_report(_full_data(images, np.random.default_rng(1)), out, thumb_side=64)
     page = _parse(files.html)
-    sources = {src for _, src in page.images}
-    plots = {src for src in sources if src.startswith("plots/")}
-    thumbs = sources - plots
+    sources = [src for _, src in page.images]
+    plots = [src for src in sources if src.startswith("data:image/png;")]
+    thumbs = [src for src in sources if src.startswith("data:image/jpeg;")]
 
-    assert {out / src for src in plots} == set(files.plots.values())
+    assert len(plots) + len(thumbs) == len(sources)  # nothing linked: the file alone is the report
+    assert files.linked_images == 0 and files.embedded_bytes == sum(len(s.split(",", 1)[1]) for s in sources)
     assert set(files.plots) == {
         "funnel",
         "near_duplicates",
@@ -186,17 +200,49 @@ def test_every_linked_file_exists_and_opens(tmp_path: Path, images: list[ImageLo
         "filter:maps and charts",
         "clusters",
     }
-    assert all(src.startswith("thumbs/") for src in thumbs)  # relative links, never the originals
-    assert len(thumbs) == files.thumbnails == len(list((out / "thumbs").glob("*.jpg")))
+    assert len(plots) == len(files.plots)
+    for key, path in files.plots.items():  # the files beside the page are the same plots
+        assert path.is_file(), key
+    assert len(set(thumbs)) == files.thumbnails == len(list((out / "thumbs").glob("*.jpg")))
     for src in sources:
-        with Image.open(out / src) as im:
+        with _image(out, src) as im:
             im.load()
     for src in thumbs:
-        with Image.open(out / src) as im:
+        with _image(out, src) as im:
             assert max(im.size) <= 64 and im.format == "JPEG"
-    # Each section links the images of its own examples.
-    by_section = {section for section, src in page.images if src.startswith("thumbs/")}
+    # Each section shows the images of its own examples.
+    by_section = {section for section, src in page.images if src.startswith("data:image/jpeg;")}
     assert by_section == {"near_duplicates", "filters", "rotation", "clusters"}
+    text = _text(files.html)
+    assert "thumbnails at most 64px (cap 256px), JPEG quality 85" in text
+
+
+def test_images_past_the_embedding_budget_are_linked_and_said_so(
+    tmp_path: Path, images: list[ImageLoc]
+) -> None:
+    out = tmp_path / "report"
+    files = render_report(
+        _full_data(images, np.random.default_rng(1)), out, thumb_side=64, embed_budget_bytes=60_000
+    )
+    page = _parse(files.html)
+    linked = [src for _, src in page.images if not src.startswith("data:")]
+    assert linked and files.linked_images == len(linked) and files.embedded_bytes <= 60_000
+    for src in linked:  # a fallback link still opens next to the page
+        assert src.startswith(("plots/", "thumbs/"))
+        with _image(out, src) as im:
+            im.load()
+    assert f"{len(linked)} images past the budget are linked" in _text(files.html)
+
+
+def test_histogram_tails_are_clipped_on_the_far_side_of_the_threshold() -> None:
+    from curation_assets.core.report import clip_tails
+
+    values = np.concatenate([np.linspace(0.0, 2.0, 1000), [50.0, 900.0]])  # a blur score's long tail
+    drawn, note = clip_tails(values, threshold=0.5)
+    assert drawn.max() < 3 and "6 above" in note and "percentile" in note and "below" not in note
+    assert ((drawn < 0.5) == (values < 0.5)).all()  # nothing changes side of the threshold
+    same, none = clip_tails(np.linspace(0.0, 1.0, 10), threshold=0.5)
+    assert none == "" and (same == np.linspace(0.0, 1.0, 10)).all()
 
 
 def test_unreadable_images_become_placeholders(tmp_path: Path, images: list[ImageLoc]) -> None:
@@ -247,10 +293,12 @@ def test_rotation_before_after_and_exif_are_shown_upright(tmp_path: Path, images
     page = _parse(files.html)
 
     rotation = [src for section, src in page.images if section == "rotation"]
-    sizes = [Image.open(out / src).size for src in rotation]
+    sizes = [_image(out, src).size for src in rotation]
     assert sizes == [(80, 60), (60, 80)]  # before: stored landscape; after: corrected portrait
-    clusters = [src for section, src in page.images if section == "clusters" and src.startswith("thumbs/")]
-    assert [Image.open(out / src).size for src in clusters] == [(60, 80), (80, 60)]
+    clusters = [
+        src for section, src in page.images if section == "clusters" and src.startswith("data:image/jpeg")
+    ]
+    assert [_image(out, src).size for src in clusters] == [(60, 80), (80, 60)]
 
 
 def test_stages_that_are_off_say_so(tmp_path: Path) -> None:
@@ -285,7 +333,7 @@ def test_a_score_just_under_the_threshold_does_not_print_as_the_threshold(
         ReportData("p", [FunnelStep("aesthetic", 2, 1, 1)], filters=[section]), tmp_path / "r"
     )
     text = _text(files.html)
-    assert "removed</span>score 4.49996" in text and "kept</span>score 4.5<" in text
+    assert "filter: removes</span>score 4.49996" in text and "filter: keeps</span>score 4.5<" in text
 
 
 def test_text_is_escaped(tmp_path: Path, images: list[ImageLoc]) -> None:
@@ -329,3 +377,65 @@ def test_bad_input_gets_a_clear_error() -> None:
         ReportData(project="p", funnel=[])
     with pytest.raises(ValueError, match="rotate must be one of"):
         ImageLoc("a", "a.jpg", rotate=45)
+
+
+def test_a_copy_of_report_html_alone_shows_every_image_in_chromium(
+    browser,  # noqa: F811
+    tmp_path: Path,
+    images: list[ImageLoc],
+) -> None:
+    """The README calls the report self-contained: the file alone, copied anywhere, shows its images."""
+    files = render_report(_full_data(images, np.random.default_rng(2)), tmp_path / "report", thumb_side=64)
+    alone = tmp_path / "elsewhere" / "report.html"
+    alone.parent.mkdir()
+    shutil.copy2(files.html, alone)  # no plots/ or thumbs/ beside it
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(alone.as_uri())
+        # "load" waits for every image the page fetches; a lazy link off screen stays at width 0,
+        # which counts as broken here too: nothing may need the folder the page was copied from
+        page.wait_for_load_state("load")
+        total = page.evaluate("document.images.length")
+        broken = page.evaluate(
+            "Array.from(document.images).filter(i => i.naturalWidth === 0)"
+            ".map(i => i.alt || i.src.slice(0, 60))"
+        )
+    finally:
+        context.close()
+    assert total >= len(files.plots) + 10  # plots and thumbnails, not a vacuous page
+    assert broken == []
+
+
+def test_near_pairs_either_side_of_the_threshold_and_final_badges(
+    tmp_path: Path, images: list[ImageLoc]
+) -> None:
+    """A user moving the threshold sees the pairs it would change; a filter's "keeps" is not the
+    image's fate, which gets its own badge."""
+    removed_later = ImageLoc(images[0].image_id, images[0].source_path, final="remove")
+    kept = ImageLoc(images[1].image_id, images[1].source_path, final="keep")
+    data = ReportData(
+        project="p",
+        funnel=[FunnelStep("near duplicates", 10, 1, 9)],
+        near_dup_distances=np.array([0.02, 0.09, 0.11, 0.15]),
+        near_dup_threshold=0.1,
+        near_pairs_below=[NearPair(kept, removed_later, 0.09)],
+        near_pairs_above=[NearPair(kept, images[2], 0.11), NearPair(images[3], images[4], 0.15)],
+        filters=[
+            FilterSection("aesthetic", np.array([4.0, 6.0]), 5.0, "below", above=[(removed_later, 6.0)])
+        ],
+    )
+    files = render_report(data, tmp_path / "report", thumb_side=48)
+    page = files.html.read_text()
+    text = _text(files.html)
+    assert "Pairs either side of the threshold 0.100" in text
+    assert "Just under it: grouped, one of each group kept (1)" in text
+    assert "At or just above it: not grouped, both kept by this stage (2)" in text
+    assert "d = 0.090<" in page and "d = 0.110<" in page and "d = 0.150<" in page
+    # the filter keeps this image, but another stage removes it: both are said, apart
+    filters = page[page.index('id="filters"') :]
+    assert (
+        '<span class="badge kept">filter: keeps</span><span class="badge final removed">final: removed</span>'
+        in (filters)
+    )
+    assert '<span class="badge final kept">final: kept</span>' in page

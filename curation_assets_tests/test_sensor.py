@@ -96,6 +96,53 @@ def test_missing_root_is_a_skip_not_a_crash(tmp_path: Path):
     assert not result.run_requests and "roots not found" in result.skip_reason.skip_message
 
 
+def _sensor_status(defs: dg.Definitions, project) -> dg.DefaultSensorStatus:
+    return defs.resolve_sensor_def(f"{project.name}_discovery_sensor").default_status
+
+
+def test_sensor_of_a_missing_root_is_stopped_and_its_skip_names_the_root(tmp_path: Path):
+    # A walkthrough project whose dataset is not on this machine (tol10m, gldv2) must not tick
+    # every minute just to say so; if started by hand, the tick page names what is missing.
+    missing = tmp_path / "not-there"
+    project = make_project(tmp_path, str(missing), discovery={"sensor_running": True})
+    defs = build_definitions([project])
+    assert _sensor_status(defs, project) == dg.DefaultSensorStatus.STOPPED
+    assert str(missing) in defs.resolve_sensor_def("testproj_discovery_sensor").description
+    result = sensor_tick(defs, project, dg.DagsterInstance.ephemeral())
+    assert not result.run_requests and str(missing) in result.skip_reason.skip_message
+
+
+def test_sensor_of_an_existing_root_runs_only_when_switched_on(tmp_path: Path):
+    root = tmp_path / "pool"
+    root.mkdir()
+    running = make_project(tmp_path, str(root), discovery={"sensor_running": True})
+    assert _sensor_status(build_definitions([running]), running) == dg.DefaultSensorStatus.RUNNING
+    off = make_project(tmp_path, str(root), discovery={"sensor_running": False})
+    assert _sensor_status(build_definitions([off]), off) == dg.DefaultSensorStatus.STOPPED
+
+
+def test_partly_missing_roots_are_named_when_nothing_is_requested(tmp_path: Path):
+    root, missing = tmp_path / "train", tmp_path / "test-not-mounted"
+    write_photo(root / "a" / "0.jpg", 1)
+    project = make_project(tmp_path, {"train": str(root), "test": str(missing)})
+    defs = build_definitions([project])
+    assert _sensor_status(defs, project) == dg.DefaultSensorStatus.RUNNING  # one root is there
+    instance = dg.DagsterInstance.ephemeral()
+    first = sensor_tick(defs, project, instance)
+    assert [r.partition_key for r in first.run_requests] == ["train.a"]
+    store = StoreResource().for_project(project)
+    fingerprint = first.run_requests[0].run_key.split(":", 1)[1]
+    store.write_parquet(  # as the run would: an inventory with the shard's fingerprint
+        pl.DataFrame({"image_id": ["x"]}),
+        store.shard_path("image_inventory", "train.a"),
+        metadata={"fingerprint": fingerprint},
+    )
+    quiet = sensor_tick(defs, project, instance, first.cursor)
+    assert not quiet.run_requests
+    assert "none new or changed" in quiet.skip_reason.skip_message
+    assert str(missing) in quiet.skip_reason.skip_message
+
+
 def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monkeypatch):
     from curation_assets.assets import discovery
 

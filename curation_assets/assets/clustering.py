@@ -17,12 +17,12 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table
+from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
 from curation_assets.assets.decision_inputs import MissingInputError, decisions_for
 from curation_assets.assets.decisions import SAMPLE
 from curation_assets.assets.embeddings import SEMANTIC_EMBEDDINGS
 from curation_assets.assets.exact_duplicates import EXACT, processed_shards
-from curation_assets.assets.filter_decisions import FILTER_DECISIONS, md_image, score_assets
+from curation_assets.assets.filter_decisions import FILTER_DECISIONS, score_assets
 from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
@@ -241,8 +241,7 @@ def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "seconds": round(seconds, 1),
                 "images_per_second": round(n / max(seconds, 1e-9), 1),
                 "device": str(settings.device),
-                "cluster_sizes": dg.MetadataValue.md(md_image(plot, "cluster sizes per level")),
-                "cluster_sizes_plot": dg.MetadataValue.path(str(plot)),
+                "cluster_sizes_plot": plot_md(plot, "cluster sizes per level"),
                 "dagster/row_count": n,
                 "path": dg.MetadataValue.path(str(out)),
             }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -92,3 +94,14 @@ def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str] | None = None
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def plot_md(path: Path, alt: str) -> dg.MetadataValue:
+    """A PNG plot as a markdown image, with its file path as a caption.
+
+    The Dagster UI only copies a path entry to the clipboard, and a markdown link to a local
+    file does not open from the browser either; an image embedded as a data URI is what the UI
+    renders. Every ``*_plot`` metadata entry goes through here so they all look the same.
+    """
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})\n\n`{path}`")

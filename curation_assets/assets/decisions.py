@@ -17,7 +17,14 @@ from curation_assets.assets.filter_decisions import FILTER_DECISIONS, score_asse
 from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import ProjectConfig
-from curation_assets.core.decisions import KEEP, KEEP_WITH_FIX, REMOVE, decision_funnel, funnel_line
+from curation_assets.core.decisions import (
+    KEEP,
+    KEEP_WITH_FIX,
+    REMOVE,
+    STAGES,
+    decision_funnel,
+    funnel_line,
+)
 from curation_assets.core.reasons import Status
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -44,6 +51,36 @@ def decision_deps(project: ProjectConfig) -> list[dg.AssetKey]:
     names += [FILTER_DECISIONS] if score_assets(project) else []
     names += [SAMPLE] if stages.sampling.enabled else []
     return [asset_key(project, name) for name in names]
+
+
+def removed_by_stage(decisions: pl.DataFrame) -> list[dict]:
+    """Removed images counted once, at the first stage that removes them: these add up to the funnel.
+
+    Files that are not images are inside sanitize's count here (the funnel lists them apart), so
+    the column sums to the number of removed files.
+    """
+    counts = dict(decisions.filter(pl.col("action") == REMOVE).group_by("stage").len().iter_rows())
+    rows = [{"first removing stage": s, "removed images": counts[s]} for s in STAGES if counts.get(s)]
+    return [*rows, {"first removing stage": "total", "removed images": sum(counts.values())}]
+
+
+def reason_hits(decisions: pl.DataFrame) -> list[dict]:
+    """How often each reason kind applies: one image can carry several, so these do not add up to
+    the removed images (a near duplicate that is also blurred counts under both)."""
+    removed = decisions.filter(pl.col("action") == REMOVE)
+    kinds = removed.select(
+        "image_id", kind=pl.col("reasons").list.eval(pl.element().str.split(":").list.first())
+    ).explode("kind")
+    table = (
+        kinds.drop_nulls("kind")
+        .group_by("kind")
+        .agg(hits=pl.len(), images=pl.col("image_id").n_unique())
+        .sort("hits", "kind", descending=[True, False])
+    )
+    return [
+        {"reason": kind, "reason hits": hits, "removed images with it": images}
+        for kind, hits, images in table.iter_rows()
+    ]
 
 
 def decision_checks(decisions: pl.DataFrame, sampled: pl.DataFrame | None) -> list[dg.AssetCheckResult]:
@@ -120,14 +157,6 @@ def build_decisions_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         )
         project_store.write_json(funnel, project_store.global_path(DECISIONS, "funnel.json"))
         actions = dict(decisions.group_by("action").len().iter_rows())
-        reasons = (
-            decisions.select(pl.col("reasons").list.eval(pl.element().str.split(":").list.first()))
-            .explode("reasons")
-            .drop_nulls()
-            .group_by("reasons")
-            .len()
-            .sort("len", descending=True)
-        )
         context.log.info("funnel: " + funnel_line(funnel))
         return dg.MaterializeResult(
             metadata={
@@ -137,7 +166,12 @@ def build_decisions_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "kept": actions.get(KEEP, 0) + actions.get(KEEP_WITH_FIX, 0),
                 "kept_with_fix": actions.get(KEEP_WITH_FIX, 0),
                 "removed": actions.get(REMOVE, 0),
-                "reasons": md_table([{"reason": r, "images": n} for r, n in reasons.iter_rows()]),
+                "removed_images_by_stage": md_table(
+                    removed_by_stage(decisions), ["first removing stage", "removed images"]
+                ),
+                "reason_hits": md_table(
+                    reason_hits(decisions), ["reason", "reason hits", "removed images with it"]
+                ),
                 "dagster/row_count": decisions.height,
                 "path": dg.MetadataValue.path(str(out)),
             },

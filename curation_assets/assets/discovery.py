@@ -7,6 +7,7 @@ import json
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -245,20 +246,28 @@ def build_discovery_sensor(
     requests runs for new or changed shards only; retires partitions whose shard is gone and
     then requests the global job, so decisions and the export drop them."""
     batch_size = project.discovery.max_new_shards_per_tick
+    # Checked once, when the definitions load: a packaged walkthrough whose dataset is not on
+    # this machine would otherwise tick every minute only to say its roots are missing.
+    # ``sensor_running`` stays the user's switch; a root that appears later needs the sensor
+    # started from the UI (or a reload of the code location).
+    any_root_exists = any(Path(root).is_dir() for root in project.dataset.roots.values())
+    running = project.discovery.sensor_running and any_root_exists
+    description = (
+        f"Scans {project.name}'s roots; adds new shards as partitions and runs only those; "
+        "retires shards that left the pool and refreshes the global assets."
+    )
+    if project.discovery.sensor_running and not any_root_exists:
+        description += (
+            " Stopped by default: no dataset root existed when the definitions loaded "
+            f"({', '.join(sorted(project.dataset.roots.values()))})."
+        )
 
     @dg.sensor(
         name=f"{project.name}_discovery_sensor",
         jobs=[shard_job, *([global_job] if global_job is not None else [])],
         minimum_interval_seconds=project.discovery.sensor_interval_seconds,
-        default_status=(
-            dg.DefaultSensorStatus.RUNNING
-            if project.discovery.sensor_running
-            else dg.DefaultSensorStatus.STOPPED
-        ),
-        description=(
-            f"Scans {project.name}'s roots; adds new shards as partitions and runs only those; "
-            "retires shards that left the pool and refreshes the global assets."
-        ),
+        default_status=dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED,
+        description=description,
     )
     def discovery_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
         project_store = store.for_project(project)
@@ -313,6 +322,10 @@ def build_discovery_sensor(
             context.log.info(f"{project.name}: {waiting} more new shard(s) wait for the next ticks")
         if not requests:
             why = retired.held_back or f"{len(pending.found.shards)} shards, none new or changed"
+            # held_back already names the missing roots; otherwise the tick page must still say
+            # that part of the pool was not scanned.
+            if pending.found.missing_roots and not retired.held_back:
+                why += f"; dataset roots not found: {', '.join(pending.found.missing_roots)}"
             return dg.SensorResult(skip_reason=why, dynamic_partitions_requests=changes, cursor=cursor)
         context.log.info(
             f"{project.name}: {len(added)} new, {len(pending.changed)} changed, "

@@ -11,17 +11,16 @@ and its metadata shows the whole pool's distribution with the threshold marked (
 table, histogram), which is what a user tunes by.
 """
 
-import base64
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from curation_assets.assets.aesthetic import AESTHETIC
-from curation_assets.assets.common import asset_key, group_name, md_table
-from curation_assets.assets.exact_duplicates import processed_shards
+from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
+from curation_assets.assets.exact_duplicates import EXACT, processed_shards
 from curation_assets.assets.example_filters import EXAMPLE_DISTANCES, distance_column
+from curation_assets.assets.near_dedup import GROUPS
 from curation_assets.assets.quality import QUALITY
 from curation_assets.assets.rotation import PROBABILITY_COLUMNS, ROTATION
 from curation_assets.assets.sanitize import SANITIZED
@@ -114,30 +113,64 @@ def rotation_columns(frame: pl.DataFrame, threshold: float) -> pl.DataFrame:
     )
 
 
-def md_image(path: Path, alt: str) -> str:
-    """A PNG embedded in markdown, so the Dagster UI shows the plot itself, not only its path."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+def duplicate_removed_ids(project: ProjectConfig, store: ProjectStore) -> set[str] | None:
+    """Images exact or near dedup removes before the filters see them; None when a dedup stage the
+    project runs has not written its output (then "still in" cannot be told apart from "all")."""
+    removed: set[str] = set()
+    for asset, on in (
+        (EXACT, project.stages.exact_dedup.enabled),
+        (GROUPS, project.stages.near_dedup.enabled),
+    ):
+        if not on:
+            continue
+        path = store.global_path(asset, f"{asset}.parquet")
+        if not path.is_file():
+            return None
+        table = pl.read_parquet(path, columns=["image_id", "is_keeper"])
+        removed.update(table.filter(~pl.col("is_keeper"))["image_id"].to_list())
+    return removed
+
+
+def still_in_mask(frame: pl.DataFrame, duplicates: set[str] | None) -> np.ndarray:
+    """True for the rows (sanitized images) that dedup left in, i.e. that reach the filter stage."""
+    if duplicates is None:
+        return np.ones(frame.height, dtype=bool)
+    return ~frame["image_id"].is_in(list(duplicates)).to_numpy()
 
 
 def filter_report(
-    store: ProjectStore, frame: pl.DataFrame, rules: list[FilterRule]
-) -> tuple[list[dict], dict[str, dg.MetadataValue]]:
-    """Per rule: a summary row, and its percentile table and histogram as metadata entries."""
+    store: ProjectStore, frame: pl.DataFrame, rules: list[FilterRule], still_in: np.ndarray | None = None
+) -> tuple[list[dict], list[dict], dict[str, dg.MetadataValue]]:
+    """Per rule: a narrow summary row (both counts), a detail row, and its percentile table and
+    histogram as metadata entries.
+
+    "would remove" counts over every sanitized image, duplicates included (the score
+    distribution a user tunes by); "removed here" counts only images ``still_in`` at the filter
+    stage, which is what the funnel charges to the filters.
+    """
     from curation_assets.core.plots import histogram_plot
 
-    rows, entries = [], {}
+    still_in = np.ones(frame.height, dtype=bool) if still_in is None else still_in
+    reaching = int(still_in.sum())
+    rows, details, entries = [], [], {}
     for rule in rules:
         values = (
             frame[rule.column].cast(pl.Float64).to_numpy() if rule.column in frame.columns else np.zeros(0)
         )
         summary = summarize(values, rule.threshold, rule.removes)
+        here = summarize(values[still_in] if values.size else values, rule.threshold, rule.removes)
         rows.append(
             {
                 "filter": rule.name,
-                "threshold": rule.threshold,
-                "removes": f"{rule.removes} threshold",
-                "removed": summary["removed"],
-                "percent": f"{summary['percent_removed']:.2f}",
+                "threshold": f"{rule.removes} {rule.threshold:g}",
+                "would remove (of all)": f"{summary['removed']:,} of {frame.height:,}",
+                "removed here (of still in)": f"{here['removed']:,} of {reaching:,}",
+            }
+        )
+        details.append(
+            {
+                "filter": rule.name,
+                "percent of all": f"{summary['percent_removed']:.2f}",
                 "min": _fmt(summary["min"]),
                 "mean": _fmt(summary["mean"]),
                 "max": _fmt(summary["max"]),
@@ -157,9 +190,9 @@ def filter_report(
             ),
         )
         entries[f"{slug}_percentiles"] = md_table(percentile_table(values, rule.threshold, rule.removes))
-        entries[f"{slug}_histogram"] = dg.MetadataValue.md(md_image(plot, rule.name))
-        entries[f"{slug}_plot"] = dg.MetadataValue.path(str(plot))
-    return rows, entries
+        # one entry per plot (the histogram embedded as markdown, as every *_plot entry is)
+        entries[f"{slug}_plot"] = plot_md(plot, rule.name)
+    return rows, details, entries
 
 
 def _fmt(value: float | None) -> str:
@@ -173,7 +206,13 @@ def build_filter_decisions_asset(project: ProjectConfig) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=key,
-        deps=[asset_key(project, SANITIZED), *(asset_key(project, a) for a in assets)],
+        # dedup outputs only tell which images are still in at this stage (the "removed here" counts)
+        deps=[
+            asset_key(project, SANITIZED),
+            *(asset_key(project, a) for a in assets),
+            *([asset_key(project, EXACT)] if project.stages.exact_dedup.enabled else []),
+            *([asset_key(project, GROUPS)] if project.stages.near_dedup.enabled else []),
+        ],
         group_name=group_name(project, "filters"),
         kinds={"polars", "parquet"},
         check_specs=[
@@ -207,13 +246,21 @@ def build_filter_decisions_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             project_store.global_path(FILTER_DECISIONS, f"{FILTER_DECISIONS}.parquet"),
             metadata={"rules": [r.__dict__ for r in rules], "shards": shards},
         )
-        rows, entries = filter_report(project_store, table, rules)
+        still_in = still_in_mask(table, duplicate_removed_ids(project, project_store))
+        rows, details, entries = filter_report(project_store, table, rules, still_in)
         removed = int(table["removed"].sum()) if table.height else 0
+        removed_here = (
+            int(table["removed"].fill_null(False).to_numpy()[still_in].sum()) if table.height else 0
+        )
         metadata = {
             "images": table.height,
             "removed": removed,
             "percent_removed": round(100 * removed / max(table.height, 1), 2),
+            # the funnel's filter step: one image counted once, whatever number of filters hit it
+            "images_still_in_at_filters": int(still_in.sum()),
+            "removed_here_of_still_in": removed_here,
             "filters": md_table(rows),
+            "filters_detail": md_table(details),
             **entries,
             "dagster/row_count": table.height,
             "path": dg.MetadataValue.path(str(out)),

@@ -32,6 +32,7 @@ from curation_assets.assets.common import (
     load_project_model,
     md_table,
     one_keeper_check,
+    plot_md,
 )
 from curation_assets.assets.embeddings import COPY_EMBEDDINGS
 from curation_assets.assets.exact_duplicates import processed_shards
@@ -402,7 +403,7 @@ def build_groups_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "removed": int((~groups["is_keeper"]).sum()) if len(groups) else 0,
                 "largest_group": largest,
                 "sweep": md_table(sweep.to_dicts()),
-                "sweep_plot": dg.MetadataValue.path(str(plot)),
+                "sweep_plot": plot_md(plot, "threshold sweep: groups and removed images per threshold"),
                 "path": dg.MetadataValue.path(str(out)),
                 "dagster/row_count": len(groups),
             },

@@ -3,10 +3,12 @@
 The funnel; near-duplicate example groups with distances and the distance histogram with
 the threshold; per filter the score histogram with its threshold and the images just
 either side of it; rotation before/after; samples per cluster and example grids. Written
-under the store (report.html + plots/ + thumbs/), linked from the asset metadata.
+under the store (report.html, with its images embedded up to a size budget, + plots/ +
+thumbs/), opened from the asset metadata by a file:// link.
 """
 
 import itertools
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -14,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.clustering import CLUSTERS
-from curation_assets.assets.common import asset_key, group_name
+from curation_assets.assets.common import asset_key, group_name, plot_md
 from curation_assets.assets.decision_inputs import project_stages
 from curation_assets.assets.decisions import DECISIONS, SAMPLE, decisions_path
 from curation_assets.assets.discovery import INVENTORY
@@ -28,6 +30,7 @@ from curation_assets.core.report import (
     FilterSection,
     FunnelStep,
     ImageLoc,
+    NearPair,
     ReportData,
     RotationExample,
     render_report,
@@ -47,12 +50,16 @@ class Locator:
     """image_id -> where its bytes are (and the rotation display undoes), from the decisions."""
 
     def __init__(self, decisions: pl.DataFrame):
-        columns = ["image_id", "source_path", "offset", "size_bytes", "rotate"]
+        columns = ["image_id", "source_path", "offset", "size_bytes", "rotate", "action"]
         self._rows = {r[0]: r for r in decisions.select(columns).iter_rows()}
 
+    @property
+    def ids(self) -> pl.Series:
+        return pl.Series("image_id", list(self._rows), dtype=pl.String)
+
     def __call__(self, image_id: str, rotated: bool = True) -> ImageLoc:
-        _, source, offset, size, rotate = self._rows[image_id]
-        return ImageLoc(image_id, source, offset, size, int(rotate or 0) if rotated else 0)
+        _, source, offset, size, rotate, action = self._rows[image_id]
+        return ImageLoc(image_id, source, offset, size, int(rotate or 0) if rotated else 0, final=action)
 
 
 def funnel_steps(decisions: pl.DataFrame, stages: list[str]) -> list[FunnelStep]:
@@ -87,6 +94,26 @@ def duplicate_examples(groups: pl.DataFrame, locate: Locator, n: int) -> list[Du
     return examples
 
 
+def near_pairs(
+    pairs: pl.DataFrame, threshold: float, locate: Locator, n: int
+) -> tuple[list[NearPair], list[NearPair]]:
+    """The ``n`` pairs just under the threshold and the ``n`` closest at or above it."""
+    # a pair may name an image of a retired shard, which the decisions no longer list
+    ids = locate.ids
+    known = pairs.filter(
+        pl.col("image_id_a").is_in(ids.implode()) & pl.col("image_id_b").is_in(ids.implode())
+    )
+    distances = known["distance"].cast(pl.Float64).to_numpy()
+    below, above = select_threshold_examples(range(known.height), distances, threshold, n)
+    rows = known.select("image_id_a", "image_id_b").rows()
+
+    def pair(row: int, distance: float) -> NearPair:
+        # 1 - cos of identical vectors can come out a hair below 0 in float32
+        return NearPair(locate(rows[row][0]), locate(rows[row][1]), max(distance, 0.0))
+
+    return [pair(r, d) for r, d in below], [pair(r, d) for r, d in above]
+
+
 def filter_sections(
     project: ProjectConfig, decisions: pl.DataFrame, locate: Locator, n: int
 ) -> list[FilterSection] | None:
@@ -96,6 +123,9 @@ def filter_sections(
     scored = decisions.filter(
         pl.col("sanitize_status").is_not_null() & (pl.col("sanitize_status") != "rejected")
     )
+    # duplicates are scored too (the distribution a user tunes by) but left before the filters ran
+    still_in = (pl.col("exact_of").is_null() & pl.col("near_of").is_null()).alias("still_in")
+    reaching = scored.select(still_in)["still_in"].to_numpy()
     sections = []
     for rule in rules:
         if rule.column not in scored.columns:
@@ -110,6 +140,7 @@ def filter_sections(
                 rule.removes,
                 below=[(locate(i), v) for i, v in below],
                 above=[(locate(i), v) for i, v in above],
+                still_in=reaching,
             )
         )
     return sections
@@ -153,10 +184,12 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
     if project.stages.near_dedup.enabled:
         pairs = store.global_path(PAIRS, f"{PAIRS}.parquet")
         groups = store.global_path(GROUPS, f"{GROUPS}.parquet")
+        threshold = project.stages.near_dedup.threshold
         if pairs.is_file():
-            distances = pl.read_parquet(pairs, columns=["distance"])["distance"].to_numpy()
-            data.near_dup_distances = np.clip(distances, 0.0, 2.0)
-        data.near_dup_threshold = project.stages.near_dedup.threshold
+            pair_table = pl.read_parquet(pairs)
+            data.near_dup_distances = np.clip(pair_table["distance"].to_numpy(), 0.0, 2.0)
+            data.near_pairs_below, data.near_pairs_above = near_pairs(pair_table, threshold, locate, n)
+        data.near_dup_threshold = threshold
         if groups.is_file():
             data.duplicate_groups = duplicate_examples(pl.read_parquet(groups), locate, n)
     data.filters = filter_sections(project, decisions, locate, n)
@@ -169,6 +202,11 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
         f"Every file's action and reasons: {decisions_path(store)}"
     )
     return data
+
+
+def _slug(plot_key: str) -> str:
+    """A metadata name from a plot key such as "filter:example:maps and charts"."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", plot_key).strip("_").lower()
 
 
 def retired_counts(store: ProjectStore) -> tuple[int, int]:
@@ -205,7 +243,12 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             context.log.warning(f"report thumbnail of {image_id}: {error}")
         context.log.info(f"report: {files.html}")
         metadata = {
-            "report": dg.MetadataValue.path(str(files.html)),
+            # a path entry only copies to the clipboard; a file:// link opens the page itself
+            "report": dg.MetadataValue.md(
+                f"[open report.html]({files.html.resolve().as_uri()})\n\n`{files.html.resolve()}`"
+            ),
+            "report_embedded_mib": round(files.embedded_bytes / 2**20, 2),
+            "report_images_linked_past_budget": files.linked_images,
             "sections": ", ".join(files.sections),
             "stages_off": ", ".join(files.stages_off) or "none",
             "thumbnails": files.thumbnails,
@@ -213,9 +256,7 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             "retired_shards": retired_shards,
             "retired_images": retired_images,
         }
-        metadata.update(
-            {f"plot_{k.replace(':', '_')}": dg.MetadataValue.path(str(v)) for k, v in files.plots.items()}
-        )
+        metadata.update({f"{_slug(k)}_plot": plot_md(v, k) for k, v in files.plots.items()})
         return dg.MaterializeResult(metadata=metadata)
 
     return curation_report

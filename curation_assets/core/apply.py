@@ -15,6 +15,10 @@ re-run to finish, or restored, without losing a byte:
 ``restore_journal`` walks the journal backwards and puts every original back, verifying
 its hash; it never overwrites a file it did not write.
 
+``record_apply`` / ``record_restore`` keep a registry of the journals (JSON, rewritten
+atomically) so that a restore finds the latest unrestored apply without being told where
+its backup root was.
+
 Pure library: no Dagster import.
 """
 
@@ -108,6 +112,7 @@ class ApplySummary:
     seconds: float = 0.0
     journal: str = ""
     backup_root: str = ""
+    archived_journal: str = ""  # where a fully restored journal at the same path was moved aside
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -388,12 +393,17 @@ def check_backup_root(backup_root: Path, roots: Mapping[str, Path], journal_path
             )
 
 
-def _open_journal(journal_path: Path, backup_root: Path, roots: Mapping[str, Path]) -> _Journal:
+def _open_journal(
+    journal_path: Path, backup_root: Path, roots: Mapping[str, Path]
+) -> tuple[_Journal, Path | None]:
+    """The journal to append to, and where a fully restored one at that path was archived (if it was)."""
     journal = _Journal.locked(journal_path)
+    archived = None
     if journal.header is not None and journal.fully_restored:
         # A restored journal is history: keep it beside the new one instead of appending to it.
         journal.close()
-        journal_path.rename(_free_name(journal_path))
+        archived = _free_name(journal_path)
+        journal_path.rename(archived)
         journal = _Journal.locked(journal_path)
     if journal.header is None:
         journal.write(
@@ -412,7 +422,7 @@ def _open_journal(journal_path: Path, backup_root: Path, roots: Mapping[str, Pat
             f"journal {journal_path} belongs to backup root {journal.header.get('backup_root')}, "
             f"not {backup_root}; re-run with that backup root, or restore it first"
         )
-    return journal
+    return journal, archived
 
 
 def _free_name(path: Path) -> Path:
@@ -458,8 +468,9 @@ def apply_actions(
     check_backup_root(backup_root, roots, journal_path)
     for action in actions:
         _check_inside(action, roots)
-    journal = _open_journal(journal_path, backup_root, roots)
+    journal, archived = _open_journal(journal_path, backup_root, roots)
     summary = ApplySummary(journal=str(journal_path), backup_root=str(backup_root))
+    summary.archived_journal = str(archived) if archived else ""
     previous = journal.by_key()
     finished = 0
     try:
@@ -642,6 +653,134 @@ def _written_by_apply(entry: _Entry) -> Callable[[Path], bool]:
         return entry.fixed_hash is None or _holds(path, entry.fixed_hash)
 
     return check
+
+
+# ----------------------------------------------------------------------------- the registry of applies
+#
+# The journal lives in the backup root, which `curate apply --backup-root` may choose for one
+# run only; restore must not depend on the user repeating it. So every apply is also entered
+# in a small JSON registry in the project's store, which restore reads to find the journal.
+
+REGISTRY_VERSION = 1
+
+
+@dataclass
+class AppliedRecord:
+    """One apply journal as the registry knows it (a re-run on the same journal updates its record)."""
+
+    journal: str
+    backup_root: str
+    applied_at: str  # UTC, the latest run that wrote to this journal
+    seq: int  # registry-wide order of the latest run: sorts applies made within one clock tick
+    removed: int = 0  # over every run on this journal
+    fixed: int = 0
+    failed: int = 0  # in the latest run
+    runs: int = 1
+    run_id: str | None = None  # the latest run's id, where a job ran it
+    restored_at: str | None = None
+    restore_conflicts: int = 0  # files the latest restore left alone (the apply then stays unrestored)
+
+    @property
+    def restored(self) -> bool:
+        return self.restored_at is not None
+
+    def describe(self) -> str:
+        state = f"restored {self.restored_at}" if self.restored else "not restored"
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (
+            f"{self.applied_at}: {self.removed} removed, {self.fixed} fixed{failed}, "
+            f"backup {self.backup_root}, journal {self.journal} ({state})"
+        )
+
+
+def read_registry(path: Path) -> list[AppliedRecord]:
+    """Every apply recorded at ``path``, oldest first; none when the file does not exist yet."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return sorted((AppliedRecord(**record) for record in data.get("applies", [])), key=lambda r: r.seq)
+
+
+def unrestored_applies(records: Sequence[AppliedRecord]) -> list[AppliedRecord]:
+    """The applies not yet restored, latest first: the first is the one a bare restore reverses."""
+    return sorted((r for r in records if not r.restored), key=lambda r: r.seq, reverse=True)
+
+
+def record_apply(path: Path, summary: ApplySummary, *, run_id: str | None = None) -> AppliedRecord | None:
+    """Enter an apply run in the registry at ``path``; returns its record (None: nothing was journaled).
+
+    A run on a journal that is still unrestored (a re-run after a crash, or a second apply to
+    the same backup root, which appends to the same journal) updates that journal's record,
+    since one restore reverses both. A journal that apply archived because it was fully
+    restored keeps its record under the archived name.
+    """
+    with _registry_update(Path(path)) as records:
+        if summary.archived_journal:
+            for record in records:
+                if record.journal == summary.journal:
+                    record.journal = summary.archived_journal
+                    record.restored_at = record.restored_at or _now()  # the journal said so itself
+        if not (summary.removed or summary.fixed or summary.skipped or summary.failed):
+            return None  # an empty journal: nothing a restore could reverse
+        seq = max((r.seq for r in records), default=0) + 1
+        record = next((r for r in records if r.journal == summary.journal and not r.restored), None)
+        if record is None:
+            record = AppliedRecord(
+                journal=summary.journal, backup_root=summary.backup_root, applied_at=_now(), seq=seq, runs=0
+            )
+            records.append(record)
+        record.applied_at, record.seq, record.run_id = _now(), seq, run_id
+        record.removed += summary.removed
+        record.fixed += summary.fixed
+        record.failed = len(summary.failed)
+        record.runs += 1
+        return record
+
+
+def record_restore(path: Path, summary: RestoreSummary) -> AppliedRecord | None:
+    """Mark the journal ``summary`` restored, when nothing was left in conflict; None if unrecorded."""
+    with _registry_update(Path(path)) as records:
+        record = next((r for r in records if r.journal == summary.journal and not r.restored), None)
+        if record is not None:
+            record.restore_conflicts = len(summary.conflicts)
+            if not summary.conflicts:  # files left alone: a bare restore must come back to this one
+                record.restored_at = _now()
+        return record
+
+
+def journal_restored(journal_path: Path) -> bool:
+    """Whether every action of the journal at ``journal_path`` has been restored (read without locking)."""
+    journal = _Journal(Path(journal_path))
+    journal._load()
+    return journal.fully_restored or all(e.restored for e in journal.entries.values())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def _registry_update(path: Path) -> Iterator[list[AppliedRecord]]:
+    """Read, let the body change, and atomically rewrite the registry, under an exclusive lock.
+
+    The lock is a separate file: the registry itself is replaced by rename, and a lock on a
+    replaced file would not stop a second writer that opened the new one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a", encoding="utf-8") as lock:
+        try:
+            import fcntl  # POSIX only; elsewhere updates go unlocked
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # updates take milliseconds: wait, don't refuse
+        records = read_registry(path)
+        yield records
+        document = {"version": REGISTRY_VERSION, "applies": [asdict(r) for r in records]}
+        with atomic_target(path) as tmp:
+            tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- file moves

@@ -133,7 +133,10 @@ def _decide(frame: pl.DataFrame, sampled: bool) -> pl.DataFrame:
     exact = pl.col("exact_of").is_not_null()
     near = pl.col("near_of").is_not_null()
     filtered = pl.col("filter_removed").fill_null(False)
-    not_sampled = pl.col("times_sampled").is_null() if sampled else pl.lit(False)
+    # only an image still in when sampling ran can be "not drawn"; an earlier removal never
+    # reached the sampler, so calling it not_sampled would overcount that stage's reason
+    reached_sampling = ~(rejected | exact | near | filtered)
+    not_sampled = (pl.col("times_sampled").is_null() & reached_sampling) if sampled else pl.lit(False)
     stage = (
         pl.when(rejected)
         .then(pl.lit("sanitize"))

@@ -3,8 +3,10 @@
 Pure library, no Dagster. The caller gathers the numbers and a few example images per
 section into :class:`ReportData`; :func:`render_report` writes
 
-- ``out_dir/report.html``: CSS inline, every image by a relative link, so the folder can be
-  opened from disk, copied or zipped as it is;
+- ``out_dir/report.html``: CSS inline and every image embedded as a ``data:`` URI, so the file
+  alone can be mailed or copied and still shows its pictures. Thumbnails are capped (side and
+  JPEG quality, stated in the report) and all embedded images share a byte budget; an image past
+  the budget falls back to its relative link below, and the report says how many did;
 - ``out_dir/plots/*.png``: the funnel, the near-duplicate distance histogram, one score
   histogram per filter, the samples per cluster;
 - ``out_dir/thumbs/*.jpg``: small re-encoded thumbnails (never the originals, which may be
@@ -17,8 +19,10 @@ read becomes a placeholder carrying the error in its tooltip; it never stops the
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import math
 import os
 import re
@@ -47,6 +51,13 @@ SECTION_TITLES = {
     "clusters": "Clusters",
 }
 THUMB_QUALITY = 85  # thumbnails are for eyes, not for training: small files matter more
+# Embedded thumbnails inflate the page by 4/3 (base64): a hard cap on their side keeps a report
+# with a few hundred examples to a few MB, whatever thumb_side a project asks for.
+MAX_THUMB_SIDE = 256
+EMBED_BUDGET_BYTES = 24 * 1024 * 1024  # base64 bytes of all embedded images together
+# Histograms clip their long tails here (values beyond pile into the edge bin, and the page says
+# how many): one blur score of 10,000 would otherwise squeeze the threshold region into one bar.
+TAIL_PERCENTILES = (0.5, 99.5)
 _BAR_CHART_MAX_CLUSTERS = 60  # above this, per-cluster bars become unreadable: plot sorted ranks
 
 
@@ -59,7 +70,9 @@ class ImageLoc:
 
     ``rotate`` is the clockwise turn (0/90/180/270) of the stored pixels that display undoes,
     the same convention as :mod:`curation_assets.core.rotation` (its ``correction``): a thumbnail
-    shows the image upright.
+    shows the image upright. ``final``: the image's action in the curation decisions (keep,
+    keep_with_fix, remove), badged apart from a section's own verdict, since an image one filter
+    keeps may still be removed by another stage; None when unknown.
     """
 
     image_id: str
@@ -67,6 +80,7 @@ class ImageLoc:
     offset: int | None = None
     size_bytes: int | None = None
     rotate: int = 0
+    final: str | None = None
 
     def __post_init__(self) -> None:
         if self.rotate not in TURNS:
@@ -103,6 +117,15 @@ class DuplicateGroupExample:
 
 
 @dataclass
+class NearPair:
+    """Two images and their copy-detection distance: a pair near the near-duplicate threshold."""
+
+    a: ImageLoc
+    b: ImageLoc
+    distance: float
+
+
+@dataclass
 class FilterSection:
     """One score filter: every score, its threshold, which side it removes, and images at the edge.
 
@@ -119,6 +142,9 @@ class FilterSection:
     removes: str
     below: list[tuple[ImageLoc, float]] = field(default_factory=list)
     above: list[tuple[ImageLoc, float]] = field(default_factory=list)
+    # True where the image is still in when the filters run (not removed as a duplicate first);
+    # None: every scored image is. The funnel charges the filters only with those.
+    still_in: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.removes not in REMOVES:
@@ -128,6 +154,13 @@ class FilterSection:
                 f"filter {self.name!r}: threshold must be a finite number, got {self.threshold!r}"
             )
         self.values = np.asarray(self.values, dtype=np.float64).ravel()
+        if self.still_in is not None:
+            self.still_in = np.asarray(self.still_in, dtype=bool).ravel()
+            if self.still_in.shape != self.values.shape:
+                raise ValueError(
+                    f"filter {self.name!r}: still_in has {self.still_in.size} entries for"
+                    f" {self.values.size} scores"
+                )
 
     def removed_mask(self, values: np.ndarray) -> np.ndarray:
         """True where a (finite) score is removed by this filter."""
@@ -175,6 +208,10 @@ class ReportData:
     near_dup_distances: np.ndarray | None = None
     near_dup_threshold: float | None = None
     duplicate_groups: list[DuplicateGroupExample] = field(default_factory=list)
+    # the pairs just under the threshold (grouped) and the closest at or above it (not grouped,
+    # so both are kept by this stage): what a user moving the threshold would change
+    near_pairs_below: list[NearPair] = field(default_factory=list)
+    near_pairs_above: list[NearPair] = field(default_factory=list)
     filters: list[FilterSection] | None = None
     rotations: list[RotationExample] | None = None
     clusters: ClusterSection | None = None
@@ -195,6 +232,8 @@ class ReportFiles:
     sections: list[str]  # section titles rendered with content, in page order
     stages_off: list[str] = field(default_factory=list)  # section titles shown as "off"
     broken_thumbnails: list[tuple[str, str]] = field(default_factory=list)  # (image_id, error)
+    embedded_bytes: int = 0  # base64 bytes of the images inside report.html
+    linked_images: int = 0  # images past the embedding budget, linked from plots/ or thumbs/
 
 
 def steps_from_funnel(steps: Sequence[tuple[str, int]]) -> list[FunnelStep]:
@@ -259,12 +298,14 @@ def render_report(
     thumb_side: int = 128,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 4,
+    embed_budget_bytes: int = EMBED_BUDGET_BYTES,
 ) -> ReportFiles:
     """Write the report folder (see the module docstring) and say what was written.
 
     ``progress(done, total)`` is called as thumbnails are made (the slow part: each one
     decodes an original). ``workers`` threads decode them; Pillow releases the GIL while
-    decoding. Files from an earlier render are overwritten, never deleted.
+    decoding. Files from an earlier render are overwritten, never deleted. ``thumb_side`` is
+    capped at :data:`MAX_THUMB_SIDE`; ``embed_budget_bytes`` bounds the images inside the page.
     """
     import matplotlib
 
@@ -272,6 +313,7 @@ def render_report(
 
     if thumb_side < 16:
         raise ValueError(f"thumb_side must be at least 16 pixels, got {thumb_side}")
+    thumb_side = min(thumb_side, MAX_THUMB_SIDE)
     out_dir = Path(out_dir)
     plots_dir, thumbs_dir = out_dir / "plots", out_dir / "thumbs"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +324,7 @@ def render_report(
     thumbs.make_all(progress, workers)
 
     plots: dict[str, Path] = {}
-    page = _Page(data, plots_dir, plots, thumbs)
+    page = _Page(data, plots_dir, plots, thumbs, _Embedder(out_dir, embed_budget_bytes))
     body = page.render()
     html_path = out_dir / "report.html"
     _write_atomic(html_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
@@ -293,6 +335,8 @@ def render_report(
         sections=page.sections,
         stages_off=page.stages_off,
         broken_thumbnails=sorted(thumbs.broken.items()),
+        embedded_bytes=page.embed.used,
+        linked_images=page.embed.linked,
     )
 
 
@@ -302,6 +346,9 @@ def _request_thumbnails(data: ReportData, thumbs: _Thumbnails) -> None:
         thumbs.want(group.keeper)
         for member, _ in group.members:
             thumbs.want(member)
+    for pair in [*data.near_pairs_below, *data.near_pairs_above]:
+        thumbs.want(pair.a)
+        thumbs.want(pair.b)
     for section in data.filters or []:
         for loc, _ in [*section.below, *section.above]:
             thumbs.want(loc)
@@ -317,6 +364,7 @@ def _request_thumbnails(data: ReportData, thumbs: _Thumbnails) -> None:
 @dataclass
 class _Thumb:
     file: str | None = None  # relative link from report.html
+    data: bytes = b""  # the JPEG itself, for embedding
     width: int = 0
     height: int = 0
     error: str | None = None
@@ -366,10 +414,33 @@ class _Thumbnails:
             image = load_rgb(data, draft_size=(self.side, self.side))
             image = upright(image, turn)  # the same lossless turn export applies
             image.thumbnail((self.side, self.side), Image.Resampling.LANCZOS)
-            _write_atomic(self.folder / name, lambda tmp: image.save(tmp, "JPEG", quality=THUMB_QUALITY))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=THUMB_QUALITY)
+            encoded = buffer.getvalue()
+            _write_atomic(self.folder / name, lambda tmp: tmp.write_bytes(encoded))
         except Exception as exc:  # one bad example must not cost the whole report
             return _Thumb(error=f"cannot read {loc.source_path}: {describe_error(exc)}")
-        return _Thumb(file=f"{self.folder.name}/{name}", width=image.width, height=image.height)
+        return _Thumb(file=f"{self.folder.name}/{name}", data=encoded, width=image.width, height=image.height)
+
+
+class _Embedder:
+    """Turns an image into a ``data:`` URI while the byte budget lasts, else into its relative link."""
+
+    def __init__(self, out_dir: Path, budget: int) -> None:
+        self.out_dir = out_dir
+        self.budget = budget
+        self.used = 0
+        self.embedded = 0
+        self.linked = 0
+
+    def src(self, data: bytes, mime: str, relative: str) -> str:
+        encoded = base64.b64encode(data).decode("ascii")
+        if self.used + len(encoded) > self.budget:
+            self.linked += 1
+            return relative
+        self.used += len(encoded)
+        self.embedded += 1
+        return f"data:{mime};base64,{encoded}"
 
 
 def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
@@ -406,6 +477,39 @@ def _plural(n: int, noun: str) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
+def _dist(value: float) -> str:
+    """A distance: three decimals (1 - cos of near copies is 1e-7, not worth an exponent)."""
+    return f"{value:.3f}" if math.isfinite(value) else str(value)
+
+
+def clip_tails(values: np.ndarray, threshold: float | None) -> tuple[np.ndarray, str]:
+    """Values with the tails beyond :data:`TAIL_PERCENTILES` clipped onto the edge, and a note.
+
+    A side is clipped only where its tail is long (it would stretch the axis by more than half
+    the percentile span: a well-spread distribution is drawn whole), and only where its
+    percentile lies beyond the threshold, so a clipped value stays on its side of it and the
+    removed/kept shading is unchanged.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return values, ""
+    low, high = (float(v) for v in np.percentile(values, TAIL_PERCENTILES))
+    long_tail = 0.5 * (high - low)
+    notes = []
+    if (threshold is None or low < threshold) and low - values.min() > long_tail:
+        n_low = int((values < low).sum())
+        if n_low:
+            values = np.maximum(values, low)
+            notes.append(f"{n_low:,} below {_num(low)} drawn at {_num(low)}")
+    if (threshold is None or high > threshold) and values.max() - high > long_tail:
+        n_high = int((values > high).sum())
+        if n_high:
+            values = np.minimum(values, high)
+            notes.append(f"{n_high:,} above {_num(high)} drawn at {_num(high)}")
+    note = f"histogram tails clipped at the {TAIL_PERCENTILES[0]:g}th/{TAIL_PERCENTILES[1]:g}th percentiles: "
+    return values, (note + ", ".join(notes)) if notes else ""
+
+
 def _num(value: float) -> str:
     """A score or distance: four significant digits, enough to tell neighbours of a threshold apart."""
     return f"{value:.4g}" if math.isfinite(value) else str(value)
@@ -428,8 +532,9 @@ class _Page:
     """Builds the HTML text and the plots, section by section."""
 
     def __init__(
-        self, data: ReportData, plots_dir: Path, plots: dict[str, Path], thumbs: _Thumbnails
+        self, data: ReportData, plots_dir: Path, plots: dict[str, Path], thumbs: _Thumbnails, embed: _Embedder
     ) -> None:
+        self.embed = embed
         self.data = data
         self.plots_dir = plots_dir
         self.plots = plots
@@ -448,7 +553,7 @@ class _Page:
             self._rotation(),
             self._clusters(),
         ]
-        header = self._summary()  # after the sections: it lists which were off
+        header = self._summary() + self._embedding_note()  # after the sections: it lists which were off
         nav = " · ".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in SECTION_TITLES.items())
         title = f"Curation report: {self.data.project}"
         return "\n".join(
@@ -465,6 +570,20 @@ class _Page:
                 "</body></html>",
             ]
         )
+
+    def _embedding_note(self) -> str:
+        side = self.thumbs.side
+        text = (
+            f"Images are embedded in this file ({self.embed.used / 2**20:.1f} MiB of a"
+            f" {self.embed.budget / 2**20:.0f} MiB budget); thumbnails at most {side}px"
+            f" (cap {MAX_THUMB_SIDE}px), JPEG quality {THUMB_QUALITY}."
+        )
+        if self.embed.linked:
+            text += (
+                f" {_plural(self.embed.linked, 'image')} past the budget are linked from the plots/ and"
+                " thumbs/ folders next to this file: keep the folder with it to see them."
+            )
+        return f'<p class="note embed">{_esc(text)}</p>'
 
     def _summary(self) -> str:
         funnel = self.data.funnel
@@ -514,21 +633,32 @@ class _Page:
         path = self.plots_dir / name
         _write_atomic(path, draw)
         self.plots[key] = path
-        return f'<img class="plot" src="{self.plots_dir.name}/{name}" alt="{_esc(alt)}">'
+        src = self.embed.src(path.read_bytes(), "image/png", f"{self.plots_dir.name}/{name}")
+        return f'<img class="plot" src="{src}" alt="{_esc(alt)}">'
 
-    def _figure(self, loc: ImageLoc, caption: str, turn: int | None = None, badge: str = "") -> str:
+    def _figure(
+        self, loc: ImageLoc, caption: str, turn: int | None = None, badge: str = "", verdict: str = ""
+    ) -> str:
+        """A thumbnail; ``badge`` ("removed"/"kept") is this section's verdict, labelled ``verdict``
+        (default: the badge itself); the final decision, when known, gets its own outlined badge."""
         thumb = self.thumbs.get(loc, turn)
         side = self.thumbs.side
-        badge_html = f'<span class="badge {_esc(badge)}">{_esc(badge)}</span>' if badge else ""
+        badge_html = f'<span class="badge {_esc(badge)}">{_esc(verdict or badge)}</span>' if badge else ""
+        if loc.final is not None:
+            final = "removed" if loc.final == "remove" else "kept"
+            badge_html += f'<span class="badge final {final}">final: {final}</span>'
         if thumb.file is None:
             picture = (
                 f'<div class="placeholder" style="width:{side}px;height:{side}px"'
                 f' title="{_esc(loc.image_id)}: {_esc(thumb.error)}">unreadable</div>'
             )
         else:
+            src = self.embed.src(thumb.data, "image/jpeg", thumb.file)
+            # lazy loading only saves work for a linked file; an embedded one is already in the page
+            lazy = "" if src.startswith("data:") else ' loading="lazy"'
             picture = (
-                f'<img src="{thumb.file}" width="{thumb.width}" height="{thumb.height}"'
-                f' alt="{_esc(loc.image_id)}" title="{_esc(loc.image_id)}" loading="lazy">'
+                f'<img src="{src}" width="{thumb.width}" height="{thumb.height}"'
+                f' alt="{_esc(loc.image_id)}" title="{_esc(loc.image_id)}"{lazy}>'
             )
         short = loc.image_id.rsplit("/", 1)[-1]
         return (
@@ -559,7 +689,9 @@ class _Page:
 
     def _near_duplicates(self) -> str:
         data = self.data
-        if data.near_dup_distances is None and not data.duplicate_groups:
+        if data.near_dup_distances is None and not (
+            data.duplicate_groups or data.near_pairs_below or data.near_pairs_above
+        ):
             return self._off("near_duplicates")
         parts = self._open("near_duplicates")
         threshold = data.near_dup_threshold
@@ -569,22 +701,25 @@ class _Page:
             facts = [f"{_count(len(distances))} candidate pairs"]
             if len(distances):
                 facts.append(
-                    f"distance min {_num(distances.min())}, median {_num(float(np.median(distances)))},"
-                    f" max {_num(distances.max())}"
+                    f"distance min {_dist(distances.min())}, median {_dist(float(np.median(distances)))},"
+                    f" max {_dist(distances.max())}"
                 )
             if threshold is not None:
                 under = int((distances < threshold).sum())
                 facts.append(
-                    f"threshold {_num(threshold)}: {_count(under)} pairs under it"
+                    f"threshold {_dist(threshold)}: {_count(under)} pairs under it"
                     f" ({_percent(under, len(distances))}) make the groups"
                 )
+            drawn, clipped = clip_tails(distances, threshold)
+            if clipped:
+                facts.append(clipped)
             parts.append(f"<p>{_esc('; '.join(facts))}.</p>")
             parts.append(
                 self._plot(
                     "near_duplicates",
                     "near_duplicates.png",
                     # Pairs under the threshold are grouped; removal happens per group, not per pair.
-                    lambda p: _distance_histogram(distances, threshold, p),
+                    lambda p: _distance_histogram(drawn, threshold, p),
                     "histogram of pair distances with the threshold",
                 )
             )
@@ -594,7 +729,7 @@ class _Page:
             for number, group in enumerate(groups, start=1):
                 figures = [self._figure(group.keeper, "keeper", badge="kept")]
                 figures += [
-                    self._figure(member, f"d = {_num(distance)}", badge="removed")
+                    self._figure(member, f"d = {_dist(distance)}", badge="removed")
                     for member, distance in group.members
                 ]
                 parts.append(
@@ -604,8 +739,35 @@ class _Page:
                 )
         else:
             parts.append("<p>No example groups.</p>")
+        parts += self._near_pairs()
         parts.append("</section>")
         return "\n".join(parts)
+
+    def _near_pairs(self) -> list[str]:
+        data = self.data
+        if not (data.near_pairs_below or data.near_pairs_above):
+            return []
+        threshold = "" if data.near_dup_threshold is None else f" {_dist(data.near_dup_threshold)}"
+        parts = [f"<h3>Pairs either side of the threshold{threshold}</h3>"]
+        for label, pairs, badge, verdict in (
+            ("Just under it: grouped, one of each group kept", data.near_pairs_below, "removed", "grouped"),
+            (
+                "At or just above it: not grouped, both kept by this stage",
+                data.near_pairs_above,
+                "kept",
+                "kept",
+            ),
+        ):
+            parts.append(f"<h4>{label} ({_count(len(pairs))})</h4>")
+            for pair in pairs:
+                figures = [
+                    self._figure(loc, f"d = {_dist(pair.distance)}", badge=badge, verdict=verdict)
+                    for loc in (pair.a, pair.b)
+                ]
+                parts.append(f'<div class="pair">{"".join(figures)}</div>')
+            if not pairs:
+                parts.append("<p>None.</p>")
+        return parts
 
     def _filters(self) -> str:
         filters = self.data.filters
@@ -627,8 +789,17 @@ class _Page:
         facts = [
             f"{_count(len(finite))} images scored",
             f"threshold {_num(section.threshold)}, removes scores {section.removes} it (score {rule})",
-            f"{_count(removed)} removed ({_percent(removed, len(finite))})",
+            f"would remove {_count(removed)} of all {_count(len(finite))} scored, duplicates included"
+            f" ({_percent(removed, len(finite))})",
         ]
+        if section.still_in is not None:
+            # the funnel's count: duplicates were removed before the filters ran
+            reaching = values[section.still_in]
+            here = int(section.removed_mask(reaching[np.isfinite(reaching)]).sum())
+            facts.append(
+                f"removed here {_count(here)} of {_count(len(reaching))} still in at this stage"
+                f" ({_percent(here, len(reaching))})"
+            )
         if len(finite):
             facts.append(
                 f"score min {_num(finite.min())}, median {_num(float(np.median(finite)))},"
@@ -636,10 +807,13 @@ class _Page:
             )
         if len(finite) < len(values):
             facts.append(f"{_count(len(values) - len(finite))} without a score")
+        drawn, clipped = clip_tails(finite, section.threshold)
+        if clipped:
+            facts.append(clipped)
         plot = self._plot(
             f"filter:{section.name}",
             f"filter_{number}_{_slug(section.name)}.png",
-            lambda p: histogram_plot(finite, section.threshold, p, section.name, "score", section.removes),
+            lambda p: histogram_plot(drawn, section.threshold, p, section.name, "score", section.removes),
             f"histogram of {section.name} scores with the threshold",
         )
         parts = [f'<div class="filter"><h3>{_esc(section.name)}</h3>', *self._note(section.name)]
@@ -653,7 +827,7 @@ class _Page:
                 self._figure(
                     loc,
                     f"score {_score(score, section.threshold)}",
-                    badge="removed" if section.removed_mask(np.array([score]))[0] else "kept",
+                    **_filter_badge(section.removed_mask(np.array([score]))[0]),
                 )
                 for loc, score in examples
             ]
@@ -731,6 +905,15 @@ class _Page:
             )
         parts.append("</section>")
         return "\n".join(parts)
+
+
+def _filter_badge(removes: bool) -> dict[str, str]:
+    # the filter's own verdict, worded so it is not read as the image's fate (the "final" badge)
+    return (
+        {"badge": "removed", "verdict": "filter: removes"}
+        if removes
+        else {"badge": "kept", "verdict": "filter: keeps"}
+    )
 
 
 def _as_counts(counts: dict[int, int] | np.ndarray) -> dict[int, int]:
@@ -845,6 +1028,8 @@ figcaption{overflow-wrap:anywhere}
 border:1px dashed #a00;box-sizing:border-box;margin:0 auto}
 .badge{display:inline-block;padding:0 .35em;margin-right:.3em;border-radius:3px;color:#fff;font-size:10px}
 .badge.removed{background:#c0392b}.badge.kept{background:#27ae60}
+.badge.final{background:#fff;border:1px solid}
+.badge.final.removed{color:#c0392b}.badge.final.kept{color:#1e8449}
 .group{margin:.8em 0;padding:.4em;border:1px solid #eee}.label{font-weight:600;margin-bottom:.3em}
 .pair{display:inline-flex;align-items:center;gap:6px;margin:6px 14px 6px 0}.arrow{font-size:1.5em;color:#777}
 """
