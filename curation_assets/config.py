@@ -143,9 +143,9 @@ class RunsConfig(_Strict):
 # ----------------------------------------------------------------------------- models
 
 ModelKind = Literal[
-    "descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript", "aesthetic_mlp", "rotation"
+    "descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript", "aesthetic_mlp", "rotation", "onnx"
 ]
-_NEEDS_FILE = {"sscd_torchscript", "torchscript", "aesthetic_mlp"}
+_NEEDS_FILE = {"sscd_torchscript", "torchscript", "aesthetic_mlp", "onnx"}
 
 
 class ModelEntry(_Strict):
@@ -173,8 +173,14 @@ class ModelEntry(_Strict):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     # timm / torchscript: embedding (default) or logits; rotation: logits (default) or probabilities
-    # (the model already ends in a softmax)
-    output: Literal["embedding", "logits", "probabilities"] | None = None
+    # (the model already ends in a softmax); onnx: the name of the graph output to use (a free
+    # string, as graphs name outputs as they like; default: the first output)
+    output: str | None = None
+    # onnx: how pixels reach the graph. nhwc_uint8: B x H x W x 3 uint8, the graph preprocesses
+    # itself; nchw_float: B x 3 x H x W float32 normalised with mean/std (the torch kinds' input)
+    input_layout: Literal["nhwc_uint8", "nchw_float"] | None = None
+    # onnx: whether the chosen output is already L2-normalised (else the loader normalises it)
+    normalized: bool | None = None
     # descriptor: copy (layout-weighted, for near-duplicates; the default) or content
     # (global statistics weigh more, for grouping and example filters); see core/descriptor.py
     variant: Literal["copy", "content"] | None = None
@@ -229,6 +235,24 @@ class ModelEntry(_Strict):
             raise ValueError(
                 "center_crop goes with resize: shorter_side (a square resize leaves nothing to crop)"
             )
+        if kind != "onnx":
+            onnx_only = [key for key in ("input_layout", "normalized") if getattr(self, key) is not None]
+            if onnx_only:
+                raise ValueError(f"{', '.join(onnx_only)}: for kind 'onnx' only (kind is {kind!r})")
+        elif self.input_layout == "nhwc_uint8":
+            # The graph normalises uint8 pixels itself; mean/std would never be applied.
+            ignored = [key for key in ("mean", "std") if getattr(self, key) is not None]
+            if ignored:
+                raise ValueError(
+                    f"input_layout 'nhwc_uint8' feeds raw uint8 pixels (the graph normalises): "
+                    f"remove {', '.join(ignored)}"
+                )
+        if kind == "onnx":
+            if self.input_layout is None:
+                raise ValueError("kind 'onnx' needs `input_layout`: nhwc_uint8 or nchw_float")
+            if self.output is not None and not self.output.strip():
+                raise ValueError("output: the graph output name must not be empty")
+            return self
         allowed_outputs = {
             "timm": ("embedding", "logits"),
             "torchscript": ("embedding", "logits"),

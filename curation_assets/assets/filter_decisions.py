@@ -11,7 +11,6 @@ and its metadata shows the whole pool's distribution with the threshold marked (
 table, histogram), which is what a user tunes by.
 """
 
-
 import dagster as dg
 import numpy as np
 import polars as pl

@@ -37,6 +37,7 @@ class ComputeSettings:
     channels_last: bool
     compile: bool
     prefetch_factor: int = 4
+    threads: int = 0  # CPU intra-op threads for runtimes that take them (onnxruntime); 0 = default
 
     @property
     def pin_memory(self) -> bool:
@@ -50,6 +51,7 @@ class ComputeSettings:
             "num_workers": self.num_workers,
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "threads": self.threads,
         }
 
 
@@ -101,9 +103,15 @@ class BatchRunner:
         self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1) * 255.0
         module = module.to(device).eval()
+        # A module backed by another runtime (an ONNX Runtime session) fixes its device and thread
+        # pool when its session is made, so it is told this run's settings; torch.compile cannot
+        # trace into such a runtime, so it is left uncompiled.
+        configure = getattr(module, "configure_runtime", None)
+        if callable(configure):
+            configure(device, settings.threads)
         if settings.channels_last and device.type == "cuda":
             module = module.to(memory_format=torch.channels_last)
-        self.module = torch.compile(module) if settings.compile else module
+        self.module = torch.compile(module) if settings.compile and not callable(configure) else module
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.settings.autocast

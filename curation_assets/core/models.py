@@ -26,6 +26,11 @@ Per kind:
   has no preprocessing.
 * ``rotation``: a 4-way (0/90/180/270 degrees) classifier loaded through its ``base_kind``;
   the module returns softmax probabilities.
+* ``onnx``: any ONNX graph run by ONNX Runtime (CUDA execution provider when the device is CUDA
+  and onnxruntime-gpu provides it, else CPU). ``input_layout: nhwc_uint8`` feeds the uint8
+  pixels (B x H x W x 3; the graph preprocesses); ``nchw_float`` feeds B x 3 x H x W floats
+  normalised with mean/std, as the torch kinds get. Rows are L2-normalised here unless the
+  entry says ``normalized: true`` (the graph already does it).
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ Output = Literal["embedding", "logits", "probabilities", "score"]
 SSCD_SHORTER_SIDE = 288  # the SSCD authors' evaluation rule: shorter side to 288, aspect kept
 SSCD_SQUARE = 320  # resize: square (any images share a batch)
 SSCD_PROBE_SIZE = 64  # the dummy input that finds an SSCD network's output size
+ONNX_UINT8_SHORTER_SIDE = 512  # nhwc_uint8 default: bounds decode memory; the graph resizes itself
+# nhwc_uint8: mean 0 and std 1/255 make the runner's ``(x / 255 - mean) / std`` give back the
+# pixel values themselves (std * 255 rounds to exactly 1.0 in float32), so the graph gets raw pixels.
+_IDENTITY_MEAN = (0.0, 0.0, 0.0)
+_IDENTITY_STD = (1.0 / 255.0,) * 3
 AESTHETIC_INPUT_DIM = 768  # CLIP ViT-L/14 image embeddings
 ROTATION_CLASSES = 4  # 0, 90, 180, 270 degrees, in that order
 _PROBE_BATCH = 2
@@ -74,6 +84,7 @@ _FILE_HINTS = {
     ),
     "timm": "a state dict of the timm model {arch} (.pth, .bin or .safetensors)",
     "aesthetic_mlp": "the LAION improved-aesthetic-predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth",
+    "onnx": "an ONNX model file, e.g. an SSCD export sscd_disc_mixup.onnx",
 }
 
 
@@ -785,6 +796,183 @@ def _load_aesthetic(name: str, entry: ModelEntry, allow_download: bool, device: 
     return _Built(module, None, "score")
 
 
+# onnx -----------------------------------------------------------------------
+
+
+def _onnx_session(path: str, device: torch.device, threads: int) -> Any:
+    """An ONNX Runtime session: CUDA provider for a CUDA device when installed, else CPU."""
+    import onnxruntime  # imported here: loading the Definitions must not pay for it
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per physical core)
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        else:
+            log.warning(
+                "%s: the compute device is %s but onnxruntime has no CUDA provider (install "
+                "onnxruntime-gpu); running the ONNX model on the CPU",
+                path,
+                device,
+            )
+    return onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
+
+
+class _OnnxNet(nn.Module):
+    """An ONNX graph behind the torch module interface :func:`~curation_assets.core.embed.embed_images` runs.
+
+    ``forward`` gets the runner's normalised float batch (for ``nhwc_uint8`` the identity
+    mean/std leave it as pixel values) and returns B x D float rows on the input's device.
+    Tensors go through numpy, as onnxruntime's Python API takes numpy arrays.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        session: Any,
+        runtime: tuple[str, int],
+        layout: str,
+        input_name: str,
+        output_name: str,
+        normalize: bool,
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.session = session
+        self.layout = layout
+        self.input_name = input_name
+        self.output_name = output_name
+        self.normalize = normalize
+        self._runtime = runtime  # (device, threads) the session was made for
+
+    def configure_runtime(self, device: torch.device, threads: int) -> None:
+        """Rebuild the session for the compute settings a run uses (device, intra-op threads).
+
+        The embed runner calls this: a session's providers and thread pool are fixed when it is
+        made, and the loader makes one before the run's settings are known.
+        """
+        wanted = (str(device), int(threads))
+        if wanted != self._runtime:
+            self.session = _onnx_session(self.path, device, threads)
+            self._runtime = wanted
+
+    def _feed(self, x: torch.Tensor) -> Any:
+        if self.layout == "nhwc_uint8":
+            pixels = x.detach().float().round().clamp(0, 255).to(torch.uint8)
+            return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return x.detach().float().contiguous().cpu().numpy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run([self.output_name], {self.input_name: self._feed(x)})
+        rows = torch.from_numpy(out).float().reshape(len(x), -1)
+        if self.normalize:
+            rows = functional.normalize(rows, dim=-1)
+        return rows.to(x.device)
+
+
+def _onnx_dims(shape: Sequence[Any]) -> list[int | None]:
+    """A graph input's shape with symbolic or unknown dimensions as None."""
+    return [dim if isinstance(dim, int) and dim > 0 else None for dim in shape]
+
+
+def _onnx_preprocessing(name: str, entry: ModelEntry, dims: list[int | None]) -> Preprocessing:
+    if entry.input_layout == "nhwc_uint8":
+        return _entry_preprocessing(
+            entry,
+            resize="shorter_side",
+            size=ONNX_UINT8_SHORTER_SIDE,
+            center_crop=False,
+            mean=_IDENTITY_MEAN,
+            std=_IDENTITY_STD,
+            interpolation="bilinear",
+        )
+    height, width = dims[2], dims[3]
+    if height is not None and width is not None and height != width:
+        raise ModelLoadError(
+            f"models.{name}.path: the graph in {entry.path} takes {height}x{width} inputs; only squares"
+        )
+    fixed = height or width
+    if fixed is not None and entry.input_size not in (None, fixed):
+        raise ModelLoadError(
+            f"models.{name}.input_size: the graph in {entry.path} takes {fixed}x{fixed} inputs, "
+            f"not {entry.input_size}"
+        )
+    size = entry.input_size or fixed
+    if size is None:
+        raise ModelLoadError(
+            f"models.{name}.input_size: the graph in {entry.path} takes any image size; set input_size "
+            "(with resize: shorter_side, the shorter side; with resize: square, the side)"
+        )
+    preprocessing = _entry_preprocessing(
+        entry,
+        resize="shorter_side",
+        size=size,
+        center_crop=fixed is not None,  # a fixed-size graph needs every input cropped to its square
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        interpolation="bilinear",
+    )
+    if fixed is not None and not preprocessing.fixed_shape:
+        raise ModelLoadError(
+            f"models.{name}: the graph in {entry.path} takes {fixed}x{fixed} inputs only; use "
+            "resize: square or center_crop: true"
+        )
+    return preprocessing
+
+
+def _load_onnx(name: str, entry: ModelEntry, allow_download: bool, device: torch.device) -> _Built:
+    try:
+        session = _onnx_session(entry.path, device, 0)
+    except Exception as exc:  # not a protobuf, truncated, or ops this onnxruntime lacks
+        raise _file_error(name, entry, f"could not be loaded as an ONNX model: {_short(exc)}") from exc
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise ModelLoadError(
+            f"models.{name}.path: the graph in {entry.path} has {len(inputs)} inputs ({names}); one expected"
+        )
+    graph_input = inputs[0]
+    dims = _onnx_dims(graph_input.shape)
+    expected_type, channels_at = (
+        ("tensor(uint8)", 3) if entry.input_layout == "nhwc_uint8" else ("tensor(float)", 1)
+    )
+    if graph_input.type != expected_type or len(dims) != 4 or dims[channels_at] not in (None, 3):
+        shape = "x".join("?" if d is None else str(d) for d in dims)
+        raise ModelLoadError(
+            f"models.{name}.input_layout: {entry.input_layout} feeds a 4-d {expected_type} with 3 channels "
+            f"at axis {channels_at}; the graph's input {graph_input.name!r} is a {shape} {graph_input.type}"
+        )
+    outputs = [o.name for o in session.get_outputs()]
+    output_name = entry.output or outputs[0]
+    if output_name not in outputs:
+        raise ModelLoadError(
+            f"models.{name}.output: the graph in {entry.path} has no output {output_name!r} "
+            f"(outputs: {', '.join(outputs)})"
+        )
+    preprocessing = _onnx_preprocessing(name, entry, dims)
+    module = _OnnxNet(
+        entry.path,
+        session,
+        (str(device), 0),
+        entry.input_layout,
+        graph_input.name,
+        output_name,
+        normalize=not entry.normalized,
+    )
+    return _Built(
+        module,
+        preprocessing,
+        "embedding",
+        normalized=True,  # by the graph (normalized: true) or by _OnnxNet
+        extra={
+            "input_layout": entry.input_layout,
+            "graph_output": output_name,
+            "normalized_by_graph": bool(entry.normalized),
+        },
+    )
+
+
 # rotation -------------------------------------------------------------------
 
 
@@ -825,6 +1013,7 @@ _LOADERS: dict[str, Callable[[str, ModelEntry, bool, torch.device], _Built]] = {
     "torchscript": _load_torchscript,
     "aesthetic_mlp": _load_aesthetic,
     "rotation": _load_rotation,
+    "onnx": _load_onnx,
 }
 
 

@@ -29,7 +29,9 @@ class ComputeResource(dg.ConfigurableResource):
     channels_last: bool = Field(default=True, description="channels-last memory format on CUDA")
     compile: bool = Field(default=False, description="torch.compile the model (pays off on long runs)")
     tf32: bool = Field(default=True, description="allow TF32 matmuls and convolutions on Ampere+ GPUs")
-    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch's default")
+    threads: int = Field(
+        default=0, ge=0, description="CPU threads of torch and onnxruntime (intra-op); 0 = their defaults"
+    )
 
     def settings(self) -> ComputeSettings:
         import torch
@@ -52,4 +54,5 @@ class ComputeResource(dg.ConfigurableResource):
             num_workers=workers,
             channels_last=self.channels_last,
             compile=self.compile,
+            threads=self.threads,
         )
