@@ -8,8 +8,6 @@
   of the semantic embeddings through a faiss index). See curation_assets/core/leaks.py.
 """
 
-import os
-
 import dagster as dg
 import polars as pl
 
@@ -27,6 +25,7 @@ from curation_assets.assets.shard_scores import (
     skip_or_compute,
 )
 from curation_assets.config import ProjectConfig
+from curation_assets.core.pool import usable_cores
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -60,7 +59,7 @@ def phash_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> 
 
 def _workers(setting: int) -> int:
     """0 in the project file means one process per core; hash_images counts 0 as "in this process"."""
-    count = setting or os.cpu_count() or 1
+    count = setting or usable_cores()
     return 0 if count <= 1 else count
 
 

@@ -21,6 +21,7 @@ they keep only their worker function and their row builders. Why it looks like t
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -38,6 +39,15 @@ _Chunk = tuple[int, tuple[Any, ...]]  # (index of the first item, items)
 # How long a terminated worker (and then the executor's manager thread) may take to go:
 # past it the worker is killed, so stopping a pool never hangs the caller.
 _STOP_TIMEOUT_S = 10.0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one): what a stage's
+    ``workers: 0`` ("one process per core") resolves to."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def pool_context() -> BaseContext:

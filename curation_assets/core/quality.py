@@ -16,7 +16,6 @@ objects (:func:`quality_rules`), so a flag and a removal always agree.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,7 +26,7 @@ from PIL import Image
 
 from curation_assets.core.filters import FilterRule
 from curation_assets.core.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.pool import map_chunks
+from curation_assets.core.pool import map_chunks, usable_cores
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.images import ImageRef
@@ -176,13 +175,6 @@ def _score_chunk(refs: tuple[ImageRef, ...]) -> list[dict[str, Any]]:
 Progress = Callable[[int, "int | None", "float | None"], None]
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _error_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
     return _empty_row(ref.image_id, describe_error(exc))
 
@@ -211,7 +203,7 @@ def score_images(
     rows = map_chunks(
         refs,
         _score_chunk,
-        workers=int(workers) if workers > 0 else _cpu_count(),
+        workers=int(workers) if workers > 0 else usable_cores(),
         chunk_size=chunk_size,
         in_flight_per_worker=4,
         failed_row=_error_row,

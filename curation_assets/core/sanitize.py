@@ -21,7 +21,6 @@ decoded. A failed decode is not a gate: the header still tells mode and geometry
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from curation_assets.core.images import (
     normalize_image,
     read_bytes,
 )
-from curation_assets.core.pool import map_chunks
+from curation_assets.core.pool import map_chunks, usable_cores
 from curation_assets.core.reasons import ALWAYS_REJECT, FIX_ORDER, Fix, Reason, Severity, status_of
 
 if TYPE_CHECKING:
@@ -686,7 +685,7 @@ def sanitize_items(
         items,
         _check_chunk,
         (_plain_rules(rules),),
-        workers=int(getattr(rules, "workers", 0)) or os.cpu_count() or 1,
+        workers=int(getattr(rules, "workers", 0)) or usable_cores(),
         chunk_size=getattr(rules, "chunk_size", 16),
         in_flight_per_worker=getattr(rules, "max_in_flight", 4),
         failed_row=_unreturned_row,
