@@ -132,7 +132,7 @@ def components(n: int, rows_a: np.ndarray, rows_b: np.ndarray) -> tuple[np.ndarr
     """(component label per row, what computed it): the project's grouping when present,
     else a tiny union-find."""
     try:
-        from curation_assets.core.grouping import connected_components
+        from curation_assets.core.dedup.grouping import connected_components
     except ImportError:
         parent = np.arange(n)
 
@@ -147,14 +147,14 @@ def components(n: int, rows_a: np.ndarray, rows_b: np.ndarray) -> tuple[np.ndarr
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
         return np.array([root(i) for i in range(n)]), "union-find (benchmarks/dedup.py)"
-    return connected_components(n, rows_a, rows_b), "curation_assets.core.grouping.connected_components"
+    return connected_components(n, rows_a, rows_b), "curation_assets.core.dedup.grouping.connected_components"
 
 
 def pipeline(path: Path, threshold: float, kind: str, params: dict, seed: int, pairs_out: Path) -> dict:
     import faiss
     import torch
 
-    from curation_assets.core.index import VectorIndex, choose_kind, dataset_mean, find_pairs, prepare
+    from curation_assets.core.dedup.index import VectorIndex, choose_kind, dataset_mean, find_pairs, prepare
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -209,7 +209,7 @@ def pipeline(path: Path, threshold: float, kind: str, params: dict, seed: int, p
 
 def exact_sample(path: Path, sample: np.ndarray, threshold: float, chunk: int = 65536) -> dict:
     """Every pair of the sample rows under the threshold, by exact search against all rows."""
-    from curation_assets.core.index import dataset_mean, prepare
+    from curation_assets.core.dedup.index import dataset_mean, prepare
 
     raw = np.load(path, mmap_mode="r")
     n = len(raw)

@@ -42,9 +42,13 @@ import polars as pl
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from curation_assets.core.demo_data import CATEGORIES, generate_demo
-from curation_assets.core.descriptor import DESCRIPTOR_INPUT_SIZE, ImageDescriptor, descriptor_preprocessing
-from curation_assets.core.images import load_rgb, read_bytes
+from curation_assets.core.embed.descriptor import (
+    DESCRIPTOR_INPUT_SIZE,
+    ImageDescriptor,
+    descriptor_preprocessing,
+)
+from curation_assets.core.ingest.images import load_rgb, read_bytes
+from curation_assets.demo.pool import CATEGORIES, generate_demo
 
 PHOTO_KINDS = ("base", "byte_copy", "pixel_copy", "near_duplicate", "rotated_copy", "quality", "unwanted")
 

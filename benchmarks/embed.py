@@ -43,9 +43,9 @@ def main() -> dict:
     from sanitize import floor_run, generate  # the sibling sanitize benchmark
 
     from curation_assets.config import ModelEntry
-    from curation_assets.core.decode import ImageRef
-    from curation_assets.core.embed import ComputeSettings, embed_images, resolve_device
-    from curation_assets.core.models import load_model
+    from curation_assets.core.embed.embed import ComputeSettings, embed_images, resolve_device
+    from curation_assets.core.embed.models import load_model
+    from curation_assets.core.ingest.decode import ImageRef
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=256)

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
 
-    from curation_assets.core.kmeans import Level, hierarchical_kmeans
-    from curation_assets.core.sampling import gini
+    from curation_assets.core.select.kmeans import Level, hierarchical_kmeans
+    from curation_assets.core.select.sampling import gini
 
     if args.small:
         n, levels = args.n or 20_000, [Level(100, 10), Level(10, 3), Level(2, 0)]

@@ -124,11 +124,11 @@ def run_figures(instance: dg.DagsterInstance, outcomes: list) -> dict[str, Any]:
 
 def measure_path(workdir: Path, shards: int, path: str, executor: str) -> dict[str, Any]:
     """Every shard then the global job, on a fresh store and instance, by ``path``."""
-    from curation_assets.assets.launch import InProcessRuns, LaunchedRuns, code_location
     from curation_assets.assets.project import global_job_name, shard_job_name
-    from curation_assets.assets.runs import QUIET_CONSOLE, init_instance
     from curation_assets.config import load_project
     from curation_assets.definitions import build_definitions
+    from curation_assets.launch import InProcessRuns, LaunchedRuns, code_location
+    from curation_assets.runner import QUIET_CONSOLE, init_instance
 
     run_dir = workdir / f"{path}-{executor}"
     run_dir.mkdir()
@@ -183,8 +183,8 @@ defs = dg.Definitions(
 def measure_bare_dagster(workdir: Path, shards: int) -> dict[str, Any]:
     """The floor of a launched run: a one-asset code location that imports only Dagster, launched
     the same way (code server, run worker, in-process executor), one run per shard."""
-    from curation_assets.assets.launch import LaunchedRuns, code_location
-    from curation_assets.assets.runs import init_instance
+    from curation_assets.launch import LaunchedRuns, code_location
+    from curation_assets.runner import init_instance
 
     run_dir = workdir / "bare-dagster"
     run_dir.mkdir()

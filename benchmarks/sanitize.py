@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from curation_assets.config import SanitizeStage, load_project_dict
-from curation_assets.core.images import read_bytes
+from curation_assets.core.ingest.images import read_bytes
+from curation_assets.core.ingest.sanitize import SanitizeItem, check_image, sanitize_items
 from curation_assets.core.pool import map_chunks
-from curation_assets.core.sanitize import SanitizeItem, check_image, sanitize_items
 
 WIDTH, HEIGHT = 1200, 850
 QUALITY = 90

@@ -46,7 +46,7 @@ def _print(text: str) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from curation_assets.core.demo_data import generate_demo
+    from curation_assets.demo.pool import generate_demo
 
     out = Path(args.out).expanduser().resolve() if args.out else curation_home() / "demo"
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def _progress_printer(what: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from curation_assets.core.demo_data import generate_demo
+    from curation_assets.demo.pool import generate_demo
 
     project = find_project(DEMO_PROJECT)
     images_root = Path(project.dataset.roots["train"])
@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_labeled(args: argparse.Namespace) -> int:
-    from curation_assets.core.labeled_demo import generate_labeled_demo
+    from curation_assets.demo.labeled import generate_labeled_demo
 
     project = find_project(LABELED_DEMO_PROJECT)
     # roots are <root>/images/train and <root>/images/test: the generator writes under <root>
@@ -136,8 +136,8 @@ def _project(name: str):
 
 
 def _print_summary(project) -> None:
-    from curation_assets.assets.runs import curation_summary, project_funnel
-    from curation_assets.core.funnel import format_funnel
+    from curation_assets.core.outputs.funnel import format_funnel
+    from curation_assets.runner import curation_summary, project_funnel
 
     funnel = project_funnel(project)
     if funnel is not None:
@@ -152,9 +152,9 @@ def _print_summary(project) -> None:
 @contextlib.contextmanager
 def _runs(project, in_process: bool):
     """The instance and how runs execute: launched as the UI launches them (default), or in process."""
-    from curation_assets.assets.launch import InProcessRuns, LaunchedRuns, code_location, serve_project
-    from curation_assets.assets.runs import init_instance
     from curation_assets.definitions import build_definitions
+    from curation_assets.launch import InProcessRuns, LaunchedRuns, code_location, serve_project
+    from curation_assets.runner import init_instance
 
     instance = init_instance()
     if in_process:
@@ -166,7 +166,7 @@ def _runs(project, in_process: bool):
 
 
 def _select(project, names: list[str], in_process: bool = False) -> int:
-    from curation_assets.assets.runs import materialize_selection
+    from curation_assets.runner import materialize_selection
 
     started = time.perf_counter()
     with _runs(project, in_process) as (instance, runs):
@@ -186,7 +186,7 @@ def _select(project, names: list[str], in_process: bool = False) -> int:
 def _materialize(
     project, shards, force, run_global=True, started: float | None = None, in_process: bool = False
 ) -> int:
-    from curation_assets.assets.runs import materialize_project
+    from curation_assets.runner import materialize_project
 
     started = started or time.perf_counter()
     with _runs(project, in_process) as (instance, runs):
@@ -216,8 +216,8 @@ def _with_backup_root(project, backup_root: str | None):
 def _run_destructive(project, job: str, run_config: dict | None) -> int:
     import dagster as dg
 
-    from curation_assets.assets.runs import init_instance, run_job
     from curation_assets.definitions import build_definitions
+    from curation_assets.runner import init_instance, run_job
 
     started = time.perf_counter()
     instance = init_instance()
@@ -240,7 +240,7 @@ def _run_destructive(project, job: str, run_config: dict | None) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from curation_assets.assets.apply import apply_job_name
+    from curation_assets.assets.outputs.apply import apply_job_name
 
     project = _with_backup_root(_project(args.project), args.backup_root)
     if not args.confirm:
@@ -255,7 +255,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from curation_assets.assets.apply import restore_job_name
+    from curation_assets.assets.outputs.apply import restore_job_name
 
     # --backup-root goes to the job as run config (an explicit choice); without it the job
     # finds the latest unrestored apply in the store's registry.
@@ -268,8 +268,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from curation_assets.assets.decisions import DECISIONS
-    from curation_assets.assets.report import REPORT
+    from curation_assets.assets.outputs.decisions import DECISIONS
+    from curation_assets.assets.outputs.report import REPORT
 
     project = _project(args.project)
     if not project.report.enabled:
@@ -288,8 +288,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from curation_assets.assets.discovery import load_chunk_manifests
-    from curation_assets.core.shards import discover_shards
+    from curation_assets.assets.ingest.discovery import load_chunk_manifests
+    from curation_assets.core.ingest.shards import discover_shards
     from curation_assets.resources.store import StoreResource
 
     project = find_project(args.project)
@@ -302,7 +302,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_funnel(args: argparse.Namespace) -> int:
-    from curation_assets.assets.runs import curation_summary, project_funnel
+    from curation_assets.runner import curation_summary, project_funnel
 
     project = _project(args.project)
     if project_funnel(project) is None and curation_summary(project) is None:
@@ -313,7 +313,7 @@ def cmd_funnel(args: argparse.Namespace) -> int:
 
 
 def cmd_init_instance(args: argparse.Namespace) -> int:
-    from curation_assets.assets.runs import init_instance
+    from curation_assets.runner import init_instance
 
     _print(f"Dagster instance: {init_instance().root_directory}")
     return 0

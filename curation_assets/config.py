@@ -152,7 +152,7 @@ class ModelEntry(_Strict):
     """A model the stages refer to by name. Weights always come from a local file.
 
     Preprocessing keys (input_size, resize, center_crop, interpolation, mean, std) override
-    what the loader would pick for the kind (see curation_assets/core/models.py); they do
+    what the loader would pick for the kind (see curation_assets/core/embed/models.py); they do
     not apply to the built-in descriptor nor to aesthetic_mlp (its input is an embedding).
     """
 
@@ -182,7 +182,7 @@ class ModelEntry(_Strict):
     # onnx: whether the chosen output is already L2-normalised (else the loader normalises it)
     normalized: bool | None = None
     # descriptor: copy (layout-weighted, for near-duplicates; the default) or content
-    # (global statistics weigh more, for grouping and example filters); see core/descriptor.py
+    # (global statistics weigh more, for grouping and example filters); see core/embed/descriptor.py
     variant: Literal["copy", "content"] | None = None
 
     _path = field_validator("path", "config")(_path_field)

@@ -13,7 +13,7 @@ only torch and Pillow (no torchvision, no Dagster), so it drops into any trainin
 
 The layout is the usual one: one subfolder per class, images anywhere below it. Entries of
 the removal list and keys of the relabel map are paths relative to ``root`` (posix
-separators), prefixed with ``<split>/`` as :func:`curation_assets.core.cleaning.cleaning_outputs`
+separators), prefixed with ``<split>/`` as :func:`curation_assets.core.labeled.cleaning.cleaning_outputs`
 writes them; with ``split=None`` they are taken as root-relative paths as they are.
 """
 

@@ -67,6 +67,6 @@ def write_photo(path: Path, seed: int, size: tuple[int, int] = (160, 120), fmt: 
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory):
     """A small generated demo dataset (3 shards), shared by the tests of one worker."""
-    from curation_assets.core.demo_data import generate_demo
+    from curation_assets.demo.pool import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo"), n_images=240, n_shards=3, seed=7)

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core.apply import (
+from curation_assets.core.outputs.apply import (
     FIX,
     REMOVE,
     ApplyRefused,

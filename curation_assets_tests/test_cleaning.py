@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import torch
 
-from curation_assets.core.cleaning import cleaning_outputs, final_actions
-from curation_assets.core.review import build_review_manifest, merge_human_decisions
+from curation_assets.core.labeled.cleaning import cleaning_outputs, final_actions
+from curation_assets.core.labeled.review import build_review_manifest, merge_human_decisions
 from curation_assets.torch_dataset import CuratedImageFolder
 from curation_assets_tests.conftest import write_photo
 

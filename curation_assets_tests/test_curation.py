@@ -14,12 +14,12 @@ import xxhash
 import yaml
 from PIL import Image
 
-from curation_assets.assets.apply import apply_job_name, restore_job_name
-from curation_assets.assets.runs import materialize_project, materialize_selection, run_job
+from curation_assets.assets.outputs.apply import apply_job_name, restore_job_name
 from curation_assets.config import PROJECTS_DIR, deep_merge, load_project_dict
-from curation_assets.core.images import load_rgb
+from curation_assets.core.ingest.images import load_rgb
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import StoreResource
+from curation_assets.runner import materialize_project, materialize_selection, run_job
 
 pytestmark = pytest.mark.xdist_group("demo")
 BUDGET = 120
@@ -305,9 +305,9 @@ def test_cli_restore_finds_the_journal_of_an_apply_given_its_backup_root_on_the_
     run, monkeypatch, capsys
 ):
     """Issue 13: `curate apply --backup-root DIR`, then a bare `curate restore`, puts back every file."""
-    from curation_assets.assets.apply import registry_path
+    from curation_assets.assets.outputs.apply import registry_path
     from curation_assets.cli import main
-    from curation_assets.core.apply import read_registry
+    from curation_assets.core.outputs.apply import read_registry
 
     tmp, images, project = run["tmp"], run["images"], run["project"]
     monkeypatch.setenv("CURATION_HOME", str(tmp / "cli_home"))
@@ -392,8 +392,8 @@ def test_changing_one_threshold_touches_only_the_decision_asset(run):
 def test_not_sampled_only_marks_images_that_reached_sampling():
     """A six-image project where each stage removes one: only the image still in at sampling and not
     drawn is ``not_sampled``; earlier removals keep their own reasons alone."""
-    from curation_assets.assets.decisions import reason_hits, removed_by_stage
-    from curation_assets.core.decisions import DecisionInputs, build_decisions, decision_funnel
+    from curation_assets.assets.outputs.decisions import reason_hits, removed_by_stage
+    from curation_assets.core.outputs.decisions import DecisionInputs, build_decisions, decision_funnel
 
     ids = ["bad", "copy", "near", "blurry", "undrawn", "drawn"]
     inventory = pl.DataFrame(
@@ -461,9 +461,9 @@ def test_not_sampled_only_marks_images_that_reached_sampling():
 
 
 def test_removed_images_by_stage_add_up_to_the_demo_funnel(run):
-    from curation_assets.assets.decision_inputs import project_stages
-    from curation_assets.assets.decisions import reason_hits, removed_by_stage
-    from curation_assets.core.decisions import decision_funnel
+    from curation_assets.assets.outputs.decision_inputs import project_stages
+    from curation_assets.assets.outputs.decisions import reason_hits, removed_by_stage
+    from curation_assets.core.outputs.decisions import decision_funnel
 
     decisions = run["decisions"]  # the first run's: a later test changes a threshold
     funnel = decision_funnel(decisions, project_stages(run["project"], with_sample=True))

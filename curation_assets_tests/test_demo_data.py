@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 from PIL import Image, ImageOps
 
-from curation_assets.core.demo_data import (
+from curation_assets.core.ingest.formats import FORMAT_EXTENSIONS, classify_file, extension_of
+from curation_assets.demo.pool import (
     CATEGORIES,
     DEFECT_EXPECTATIONS,
     EXAMPLES_PER_CATEGORY,
@@ -23,7 +24,6 @@ from curation_assets.core.demo_data import (
     KINDS,
     generate_demo,
 )
-from curation_assets.core.formats import FORMAT_EXTENSIONS, classify_file, extension_of
 
 N_IMAGES = 200
 N_SHARDS = 2

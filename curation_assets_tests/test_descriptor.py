@@ -15,14 +15,14 @@ import polars as pl
 import pytest
 import torch
 
-from curation_assets.core.demo_data import CATEGORIES, NEAR_DUPLICATE_TRANSFORMS
-from curation_assets.core.descriptor import (
+from curation_assets.core.embed.descriptor import (
     DESCRIPTOR_DIM,
     DESCRIPTOR_INPUT_SIZE,
     ImageDescriptor,
     descriptor_preprocessing,
 )
-from curation_assets.core.images import load_rgb, read_bytes
+from curation_assets.core.ingest.images import load_rgb, read_bytes
+from curation_assets.demo.pool import CATEGORIES, NEAR_DUPLICATE_TRANSFORMS
 
 KINDS = ("base", "byte_copy", "near_duplicate", "unwanted")
 

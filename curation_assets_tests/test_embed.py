@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from curation_assets.core.decode import ImageRef
-from curation_assets.core.embed import ComputeSettings, embed_images, resolve_device
-from curation_assets.core.preprocess import Preprocessing
-from curation_assets.core.vectors import VectorMismatchError, assert_compatible
+from curation_assets.core.embed.embed import ComputeSettings, embed_images, resolve_device
+from curation_assets.core.embed.preprocess import Preprocessing
+from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
+from curation_assets.core.ingest.decode import ImageRef
 from curation_assets.resources.store import ProjectStore
 from curation_assets_tests.conftest import write_photo
 

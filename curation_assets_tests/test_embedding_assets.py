@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from curation_assets.assets.project import shard_job_name
-from curation_assets.assets.runs import materialize_project
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import StoreResource
+from curation_assets.runner import materialize_project
 from curation_assets_tests.conftest import make_project
 
 pytestmark = pytest.mark.xdist_group("demo")
@@ -138,7 +138,7 @@ def test_missing_weights_fail_clearly_and_write_nothing(demo_dataset, tmp_path: 
 
 
 def test_webdataset_tars_give_the_same_vectors_as_folders(tmp_path: Path):
-    from curation_assets.core.demo_data import generate_demo
+    from curation_assets.demo.pool import generate_demo
 
     results = {}
     for layout in ("directory", "webdataset"):

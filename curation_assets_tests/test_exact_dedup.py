@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from curation_assets.core.exact_dedup import find_exact_duplicates, summarize
+from curation_assets.core.dedup.exact import find_exact_duplicates, summarize
 
 
 def _rows() -> pl.DataFrame:

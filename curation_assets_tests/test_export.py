@@ -13,7 +13,7 @@ import pytest
 import xxhash
 from PIL import Image, ImageOps
 
-from curation_assets.core.export import (
+from curation_assets.core.outputs.export import (
     ExportError,
     export_tree,
     export_webdataset,

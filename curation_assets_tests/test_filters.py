@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core.filters import (
+from curation_assets.core.filters.rules import (
     PERCENTILES,
     FilterRule,
     decide,
@@ -18,7 +18,7 @@ from curation_assets.core.filters import (
     percentile_table,
     summarize,
 )
-from curation_assets.core.plots import histogram_plot
+from curation_assets.core.outputs.plots import histogram_plot
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

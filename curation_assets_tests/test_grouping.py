@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from curation_assets.core.grouping import (
+from curation_assets.core.dedup.grouping import (
     connected_components,
     group_duplicates,
     sweep_thresholds,

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from curation_assets.core.index import (
+from curation_assets.core.dedup.index import (
     CPU_FLAT_MAX,
     VectorIndex,
     choose_kind,

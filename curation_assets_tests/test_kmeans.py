@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation_assets.core import kmeans as kmeans_module
-from curation_assets.core.kmeans import Hierarchy, Level, assign, hierarchical_kmeans, kmeans
+from curation_assets.core.select import kmeans as kmeans_module
+from curation_assets.core.select.kmeans import Hierarchy, Level, assign, hierarchical_kmeans, kmeans
 
 
 def blobs(

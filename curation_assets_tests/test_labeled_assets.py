@@ -10,13 +10,13 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from curation_assets.assets.discovery import partitions_name
-from curation_assets.assets.runs import materialize_project, materialize_selection
+from curation_assets.assets.ingest.discovery import partitions_name
 from curation_assets.config import load_project
-from curation_assets.core.labeled_demo import generate_labeled_demo
-from curation_assets.core.review import DECISION_COLUMNS
+from curation_assets.core.labeled.review import DECISION_COLUMNS
 from curation_assets.definitions import build_definitions
+from curation_assets.demo.labeled import generate_labeled_demo
 from curation_assets.resources.store import StoreResource
+from curation_assets.runner import materialize_project, materialize_selection
 from curation_assets.torch_dataset import CuratedImageFolder
 from curation_assets_tests.conftest import make_project
 
@@ -275,7 +275,7 @@ class _WordEncoder:
 def test_caption_filter_keeps_captions_that_match_their_class(
     labeled_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from curation_assets.assets import class_subsets as subsets_asset
+    from curation_assets.assets.labeled import class_subsets as subsets_asset
 
     _, _, _, _, demo, truth, _ = labeled_run
     train = truth.filter((pl.col("split") == "train") & pl.col("leak_of").is_null()).sort("image_id")

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curation_assets.core.labels import (
+from curation_assets.core.labeled.labels import (
     EXTERNAL_FLAG_FIELDS,
     label_issue_summary,
     label_issues,

@@ -23,18 +23,18 @@ import psutil
 import pytest
 import yaml
 
-from curation_assets.assets.apply import apply_job_name, restore_job_name
-from curation_assets.assets.decisions import decisions_path
-from curation_assets.assets.discovery import partitions_name
-from curation_assets.assets.export import export_root
-from curation_assets.assets.launch import LaunchedRuns, code_location
+from curation_assets.assets.filters.quality import QUALITY
+from curation_assets.assets.ingest.discovery import partitions_name
+from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.outputs.apply import apply_job_name, restore_job_name
+from curation_assets.assets.outputs.decisions import decisions_path
+from curation_assets.assets.outputs.export import export_root
 from curation_assets.assets.project import global_job_name, shard_job_name
-from curation_assets.assets.quality import QUALITY
-from curation_assets.assets.runs import init_instance, materialize_project
-from curation_assets.assets.sanitize import SANITIZED
 from curation_assets.config import load_project
 from curation_assets.definitions import build_definitions
+from curation_assets.launch import LaunchedRuns, code_location
 from curation_assets.resources.store import StoreResource
+from curation_assets.runner import init_instance, materialize_project
 from curation_assets_tests.conftest import sensor_tick, write_photo
 
 # Launched runs start code servers and run workers: keep them on one xdist worker, one at a time.

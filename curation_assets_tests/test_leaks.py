@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from curation_assets.config import DatasetConfig, ShardRule
-from curation_assets.core.decode import ImageRef
-from curation_assets.core.inventory import inventory_row
-from curation_assets.core.labeled_demo import LEAK_KINDS, generate_labeled_demo
-from curation_assets.core.leaks import (
+from curation_assets.core.ingest.decode import ImageRef
+from curation_assets.core.ingest.inventory import inventory_row
+from curation_assets.core.ingest.shards import discover_shards, list_shard_files
+from curation_assets.core.labeled.leaks import (
     find_leaks,
     hamming_distance,
     hamming_pairs,
@@ -22,7 +22,7 @@ from curation_assets.core.leaks import (
     perceptual_hash,
     split_pairs,
 )
-from curation_assets.core.shards import discover_shards, list_shard_files
+from curation_assets.demo.labeled import LEAK_KINDS, generate_labeled_demo
 from curation_assets_tests.conftest import write_photo
 
 

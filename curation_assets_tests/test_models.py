@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional
 
 from curation_assets.config import ModelEntry
-from curation_assets.core import models
-from curation_assets.core.models import (
+from curation_assets.core.embed import models
+from curation_assets.core.embed.models import (
     AestheticMLP,
     LoadedModel,
     ModelFileError,
@@ -26,7 +26,7 @@ from curation_assets.core.models import (
     check_model_file,
     load_model,
 )
-from curation_assets.core.preprocess import CLIP_MEAN, IMAGENET_MEAN, IMAGENET_STD
+from curation_assets.core.embed.preprocess import CLIP_MEAN, IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # tests write TorchScript
 
@@ -495,8 +495,8 @@ def test_entry_validation(fields, message):
 
 
 def test_descriptor_kind():
-    pytest.importorskip("curation_assets.core.descriptor")
-    from curation_assets.core.descriptor import DESCRIPTOR_DIM, descriptor_preprocessing
+    pytest.importorskip("curation_assets.core.embed.descriptor")
+    from curation_assets.core.embed.descriptor import DESCRIPTOR_DIM, descriptor_preprocessing
 
     model = load_model("descriptor", entry(kind="descriptor"))
     assert (model.dim, model.output, model.normalized, model.identity["file"]) == (

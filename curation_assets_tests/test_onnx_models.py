@@ -11,16 +11,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from curation_assets.config import ModelEntry, ProjectConfigError, load_project_dict
-from curation_assets.core.embed import ComputeSettings, embed_images
-from curation_assets.core.images import ImageRef, load_rgb
-from curation_assets.core.models import (
+from curation_assets.core.embed.embed import ComputeSettings, embed_images
+from curation_assets.core.embed.models import (
     LoadedModel,
     ModelFileError,
     ModelLoadError,
     check_model_file,
     load_model,
 )
-from curation_assets.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from curation_assets.core.embed.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from curation_assets.core.ingest.images import ImageRef, load_rgb
 from curation_assets_tests.conftest import write_photo
 
 # opset 17 keeps ReduceMean's axes an attribute; IR 8 is what every onnxruntime >= 1.17 reads.

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 
 from curation_assets.assets.project import global_job_name, shard_job_name
-from curation_assets.assets.runs import materialize_project
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import StoreResource
+from curation_assets.runner import materialize_project
 from curation_assets_tests.conftest import make_project
 
 pytestmark = pytest.mark.xdist_group("demo")

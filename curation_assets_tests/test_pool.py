@@ -233,7 +233,7 @@ def _pooled_stage(stage: str, folder: str) -> None:
     paths = sorted(Path(folder).glob("*.jpg"))
     if stage == "sanitize":
         from curation_assets.config import load_project_dict
-        from curation_assets.core.sanitize import SanitizeItem, sanitize_items
+        from curation_assets.core.ingest.sanitize import SanitizeItem, sanitize_items
 
         rules = load_project_dict({"name": "x", "dataset": {"roots": folder}}).stages.sanitize
         rules = rules.model_copy(update={"workers": 2, "chunk_size": 8})
@@ -241,8 +241,8 @@ def _pooled_stage(stage: str, folder: str) -> None:
         assert [row["image_id"] for row in rows] == [p.stem for p in paths]
         assert all(row["status"] == "ok" for row in rows), [r for r in rows if r["status"] != "ok"][:2]
     else:
-        from curation_assets.core.images import ImageRef
-        from curation_assets.core.quality import score_images
+        from curation_assets.core.filters.quality import score_images
+        from curation_assets.core.ingest.images import ImageRef
 
         refs = [ImageRef(p.stem, str(p), None, None, 160, 120) for p in paths]
         scores = score_images(refs, workers=2, chunk_size=8)

@@ -10,10 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core.decode import ImageRef
-from curation_assets.core.filters import decide
-from curation_assets.core.images import load_rgb
-from curation_assets.core.quality import (
+from curation_assets.core.filters.quality import (
     QUALITY_COLUMNS,
     QualityThresholds,
     quality_flags,
@@ -21,6 +18,9 @@ from curation_assets.core.quality import (
     quality_rules,
     score_images,
 )
+from curation_assets.core.filters.rules import decide
+from curation_assets.core.ingest.decode import ImageRef
+from curation_assets.core.ingest.images import load_rgb
 from curation_assets_tests.conftest import write_photo
 
 ISSUE_FLAG = {"blur": "is_blurry", "dark": "is_dark", "bright": "is_light"}

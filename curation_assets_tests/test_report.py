@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation_assets.core.report import (
+from curation_assets.core.outputs.report import (
     ClusterSection,
     DuplicateGroupExample,
     FilterSection,
@@ -235,7 +235,7 @@ def test_images_past_the_embedding_budget_are_linked_and_said_so(
 
 
 def test_histogram_tails_are_clipped_on_the_far_side_of_the_threshold() -> None:
-    from curation_assets.core.report import clip_tails
+    from curation_assets.core.outputs.report import clip_tails
 
     values = np.concatenate([np.linspace(0.0, 2.0, 1000), [50.0, 900.0]])  # a blur score's long tail
     drawn, note = clip_tails(values, threshold=0.5)

@@ -16,12 +16,11 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from curation_assets.assets.decisions import decisions_path
-from curation_assets.assets.discovery import partitions_name, pending_shards, retire_removed_shards
-from curation_assets.assets.export import export_root
+from curation_assets.assets.ingest.discovery import partitions_name, pending_shards, retire_removed_shards
+from curation_assets.assets.outputs.decisions import decisions_path
+from curation_assets.assets.outputs.export import export_root
 from curation_assets.assets.project import global_job_name, per_shard_asset_names, shard_job_name
-from curation_assets.core.export import export_tree
-from curation_assets.core.retirement import (
+from curation_assets.core.ingest.retirement import (
     MANIFEST_FILE,
     ShardToRetire,
     load_batches,
@@ -30,6 +29,7 @@ from curation_assets.core.retirement import (
     retired_root,
     retired_totals,
 )
+from curation_assets.core.outputs.export import export_tree
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import ProjectStore, StoreResource
 from curation_assets_tests.conftest import make_project, sensor_tick, write_photo
@@ -219,7 +219,7 @@ def test_export_tree_removes_what_the_plan_dropped_and_only_its_own_files(tmp_pa
 
 
 def test_refresh_schedule_and_headless_runner_retire_removed_shards(tmp_path: Path) -> None:
-    from curation_assets.assets.runs import materialize_project
+    from curation_assets.runner import materialize_project
 
     root = tmp_path / "pool"
     write_photo(root / "a" / "0.jpg", 1)

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curation_assets.core.review import (
+from curation_assets.core.labeled.review import (
     MANIFEST_SCHEMA,
     TAGS,
     build_review_manifest,

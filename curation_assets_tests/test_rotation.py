@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curation_assets.core.images import load_rgb
-from curation_assets.core.rotation import ANGLES, rotation_decisions, upright
+from curation_assets.core.filters.rotation import ANGLES, rotation_decisions, upright
+from curation_assets.core.ingest.images import load_rgb
 
 
 class KnownModel:

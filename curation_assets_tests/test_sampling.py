@@ -7,8 +7,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from curation_assets.core.kmeans import Hierarchy, Level, LevelResult, hierarchical_kmeans
-from curation_assets.core.sampling import gini, hierarchical_sample, normalized_entropy, water_fill
+from curation_assets.core.select.kmeans import Hierarchy, Level, LevelResult, hierarchical_kmeans
+from curation_assets.core.select.sampling import gini, hierarchical_sample, normalized_entropy, water_fill
 
 
 def test_water_fill_reference_case():

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from curation_assets.config import SanitizeStage, load_project_dict
-from curation_assets.core import pool, sanitize
-from curation_assets.core.images import ImageReadError, load_rgb, normalize_image, read_bytes
-from curation_assets.core.reasons import Reason
-from curation_assets.core.sanitize import (
+from curation_assets.core import pool
+from curation_assets.core.ingest import sanitize
+from curation_assets.core.ingest.images import ImageReadError, load_rgb, normalize_image, read_bytes
+from curation_assets.core.ingest.sanitize import (
     CHECKS,
     ROW_COLUMNS,
     SanitizeItem,
@@ -28,6 +28,7 @@ from curation_assets.core.sanitize import (
     row_schema,
     sanitize_items,
 )
+from curation_assets.core.outputs.reasons import Reason
 
 
 @pytest.fixture(scope="module")

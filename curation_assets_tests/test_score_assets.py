@@ -20,17 +20,17 @@ import pytest
 import torch
 from PIL import Image
 
-from curation_assets.assets.aesthetic import score_vectors
-from curation_assets.assets.runs import materialize_project, materialize_selection
-from curation_assets.assets.shard_scores import semantic_vectors
+from curation_assets.assets.filters.aesthetic import score_vectors
+from curation_assets.assets.filters.shard_scores import semantic_vectors
 from curation_assets.config import ModelEntry, ProjectConfig
-from curation_assets.core.decode import ImageRef
-from curation_assets.core.embed import ComputeSettings, embed_images
-from curation_assets.core.images import load_rgb
-from curation_assets.core.models import load_model
-from curation_assets.core.rotation import upright
+from curation_assets.core.embed.embed import ComputeSettings, embed_images
+from curation_assets.core.embed.models import load_model
+from curation_assets.core.filters.rotation import upright
+from curation_assets.core.ingest.decode import ImageRef
+from curation_assets.core.ingest.images import load_rgb
 from curation_assets.definitions import build_definitions
 from curation_assets.resources.store import ProjectStore, StoreResource
+from curation_assets.runner import materialize_project, materialize_selection
 from curation_assets_tests.conftest import make_project, write_photo
 from curation_assets_tests.tiny_models import (
     FixedProbabilities,

@@ -144,7 +144,7 @@ def test_partly_missing_roots_are_named_when_nothing_is_requested(tmp_path: Path
 
 
 def test_many_shards_are_requested_once_in_bounded_batches(tmp_path: Path, monkeypatch):
-    from curation_assets.assets import discovery
+    from curation_assets.assets.ingest import discovery
 
     root = tmp_path / "pool"
     for i in range(1000):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import xxhash
 
-from curation_assets.core.inventory import build_inventory
-from curation_assets.core.shards import ROOT_FILES_SHARD, discover_shards, list_shard_files, safe_key
+from curation_assets.core.ingest.inventory import build_inventory
+from curation_assets.core.ingest.shards import ROOT_FILES_SHARD, discover_shards, list_shard_files, safe_key
 from curation_assets_tests.conftest import make_project, write_photo
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curation_assets.core.subsets import (
+from curation_assets.core.select.subsets import (
     caption_filter,
     class_counts,
     match_frequencies,

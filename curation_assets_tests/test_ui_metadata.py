@@ -9,8 +9,8 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from curation_assets.assets.runs import materialize_project
 from curation_assets.definitions import build_definitions
+from curation_assets.runner import materialize_project
 from curation_assets_tests.conftest import make_project
 
 pytestmark = pytest.mark.xdist_group("demo")

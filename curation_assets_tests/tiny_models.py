@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from curation_assets.core.models import AESTHETIC_INPUT_DIM, AestheticMLP
+from curation_assets.core.embed.models import AESTHETIC_INPUT_DIM, AestheticMLP
 
 # open_clip ViT shape, shrunk; embed_dim stays 768 because the LAION aesthetic head reads
 # CLIP ViT-L/14 embeddings of that width.

@@ -16,7 +16,7 @@ from curation_assets.config import ProjectConfig
 # core.models (torch) is imported where a model is loaded: every asset module
 # imports this one, and loading the Definitions must stay cheap (issue 12).
 if TYPE_CHECKING:
-    from curation_assets.core.models import LoadedModel
+    from curation_assets.core.embed.models import LoadedModel
 
 
 def asset_key(project: ProjectConfig, name: str) -> dg.AssetKey:
@@ -32,7 +32,7 @@ def group_name(project: ProjectConfig, stage: str) -> str:
 def load_project_model(project: ProjectConfig, name: str, device: Any = "cpu") -> LoadedModel:
     """The project's model ``name``; a missing or unfit file fails the step with the loader's message
     (it names the models key and the file it expects), not a traceback."""
-    from curation_assets.core.models import ModelFileError, ModelLoadError, load_model
+    from curation_assets.core.embed.models import ModelFileError, ModelLoadError, load_model
 
     try:
         return load_model(name, project.models[name], allow_download=project.allow_download, device=device)

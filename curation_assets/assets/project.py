@@ -8,27 +8,27 @@ from __future__ import annotations
 
 import dagster as dg
 
-from curation_assets.assets.aesthetic import build_aesthetic_asset
-from curation_assets.assets.apply import build_apply_jobs
-from curation_assets.assets.clustering import build_clusters_asset, build_sample_asset
 from curation_assets.assets.common import shard_partitions
-from curation_assets.assets.decisions import build_decisions_asset
-from curation_assets.assets.discovery import build_discovery_sensor, build_refresh_schedule
-from curation_assets.assets.embeddings import build_embedding_assets
-from curation_assets.assets.exact_duplicates import build_exact_duplicates_asset
-from curation_assets.assets.example_filters import (
+from curation_assets.assets.dedup.exact_duplicates import build_exact_duplicates_asset
+from curation_assets.assets.dedup.near_dedup import build_near_dedup_assets
+from curation_assets.assets.embed.embeddings import build_embedding_assets
+from curation_assets.assets.filters.aesthetic import build_aesthetic_asset
+from curation_assets.assets.filters.example_filters import (
     build_example_distances_asset,
     build_example_embeddings_asset,
 )
-from curation_assets.assets.export import build_export_asset
-from curation_assets.assets.filter_decisions import build_filter_decisions_asset, score_assets
-from curation_assets.assets.inventory import build_inventory_asset
-from curation_assets.assets.labeled import build_labeled_assets, build_labeled_shard_assets
-from curation_assets.assets.near_dedup import build_near_dedup_assets
-from curation_assets.assets.quality import build_quality_asset
-from curation_assets.assets.report import build_report_asset
-from curation_assets.assets.rotation import build_rotation_asset
-from curation_assets.assets.sanitize import build_sanitize_asset
+from curation_assets.assets.filters.filter_decisions import build_filter_decisions_asset, score_assets
+from curation_assets.assets.filters.quality import build_quality_asset
+from curation_assets.assets.filters.rotation import build_rotation_asset
+from curation_assets.assets.ingest.discovery import build_discovery_sensor, build_refresh_schedule
+from curation_assets.assets.ingest.inventory import build_inventory_asset
+from curation_assets.assets.ingest.sanitize import build_sanitize_asset
+from curation_assets.assets.labeled.labeled import build_labeled_assets, build_labeled_shard_assets
+from curation_assets.assets.outputs.apply import build_apply_jobs
+from curation_assets.assets.outputs.decisions import build_decisions_asset
+from curation_assets.assets.outputs.export import build_export_asset
+from curation_assets.assets.outputs.report import build_report_asset
+from curation_assets.assets.select.clustering import build_clusters_asset, build_sample_asset
 from curation_assets.config import ProjectConfig
 
 CODE_LOCATION_MODULE = "curation_assets.definitions"  # what workspace.yaml and the run workers load

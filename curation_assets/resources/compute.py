@@ -11,7 +11,7 @@ from pydantic import Field
 # torch (and core.embed, which imports it) is imported in `settings`: every asset module
 # names this resource, and loading the Definitions must stay cheap (issue 12).
 if TYPE_CHECKING:
-    from curation_assets.core.embed import ComputeSettings
+    from curation_assets.core.embed.embed import ComputeSettings
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -36,7 +36,7 @@ class ComputeResource(dg.ConfigurableResource):
     def settings(self) -> ComputeSettings:
         import torch
 
-        from curation_assets.core.embed import AUTOCAST_DTYPES, ComputeSettings, resolve_device
+        from curation_assets.core.embed.embed import AUTOCAST_DTYPES, ComputeSettings, resolve_device
 
         device = resolve_device(self.device)
         if device.type == "cuda":

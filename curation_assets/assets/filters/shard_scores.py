@@ -1,0 +1,106 @@
+"""What every per-shard score asset shares: input signatures, skipping unchanged shards, reading inputs.
+
+A score asset (example distances, quality, aesthetic, rotation) writes one parquet per
+shard with an ``input_signature`` in its footer. When the signature of today's inputs
+equals the stored one the shard is not recomputed, so materializing the whole graph after
+a threshold change costs only the cheap decision asset. ``shard_is_current`` (headless
+runs) asks the same functions, so the CLI and the assets agree on what is stale.
+"""
+
+from collections.abc import Callable
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import xxhash
+
+from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS, kept_images
+from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.core.ingest.images import ImageRef
+from curation_assets.resources.store import ProjectStore
+
+SIGNATURE = "input_signature"
+
+
+def signature_of(*parts: str | bytes) -> str:
+    digest = xxhash.xxh3_128()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def sanitized_bytes(store: ProjectStore, shard: str) -> bytes:
+    path = store.shard_path(SANITIZED, shard)
+    if not path.is_file():
+        raise dg.Failure(f"no {SANITIZED} for shard {shard!r}: materialize it first")
+    return path.read_bytes()
+
+
+def stored_signature(store: ProjectStore, asset: str, shard: str) -> str | None:
+    path = store.shard_path(asset, shard)
+    return store.parquet_metadata(path).get(SIGNATURE) if path.is_file() else None
+
+
+def vectors_signature(store: ProjectStore, asset: str, shard: str) -> str:
+    """The signature a vector table was written with (it names its images and its model)."""
+    signature = stored_signature(store, asset, shard)
+    if signature is None:
+        raise dg.Failure(f"no {asset} for shard {shard!r}: materialize it first")
+    return signature
+
+
+def kept_refs(store: ProjectStore, shard: str) -> tuple[pl.DataFrame, list[ImageRef]]:
+    """The shard's kept images (sanitize not rejected) and where their bytes are."""
+    kept = kept_images(store, shard)
+    refs = [
+        ImageRef(r["image_id"], r["source_path"], r["offset"], r["size_bytes"], r["width"], r["height"])
+        for r in kept.iter_rows(named=True)
+    ]
+    return kept, refs
+
+
+def semantic_vectors(store: ProjectStore, shard: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """(image_id, content_hash of images with a vector, float16 vectors in that order)."""
+    ids, vectors, _ = store.read_vectors(SEMANTIC_EMBEDDINGS, shard)
+    have = ids.filter(pl.col("row").is_not_null()).sort("row")
+    return have.select("image_id", "content_hash"), np.asarray(vectors)[have["row"].to_numpy()]
+
+
+def skip_or_compute(
+    context: dg.AssetExecutionContext,
+    store: ProjectStore,
+    asset: str,
+    signature: str,
+    compute: Callable[[], tuple[pl.DataFrame, dict]],
+) -> tuple[pl.DataFrame, dict, bool]:
+    """The stored table when its signature is current; otherwise compute, write and return it.
+
+    ``compute`` returns (table, extra footer metadata). The third value says whether it was skipped.
+    """
+    shard = context.partition_key
+    path = store.shard_path(asset, shard)
+    if stored_signature(store, asset, shard) == signature:
+        context.log.info(f"{asset} {shard}: inputs unchanged, kept the existing table")
+        return pl.read_parquet(path), store.parquet_metadata(path), True
+    table, extra = compute()
+    meta = {**extra, SIGNATURE: signature}
+    store.write_parquet(table, path, metadata=meta)
+    return table, meta, False
+
+
+def coverage_check(
+    key: dg.AssetKey, name: str, kept: int, table: pl.DataFrame, columns: list[str], what: str
+) -> dg.AssetCheckResult:
+    """Every kept image of the shard has a non-null value in every one of ``columns``."""
+    complete = (
+        table.filter(pl.all_horizontal(pl.col(c).is_not_null() for c in columns)).height if columns else 0
+    )
+    missing = kept - complete
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=name,
+        passed=missing == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"kept_images": kept, f"with_{what}": complete, "missing": missing},
+    )

@@ -1,0 +1,74 @@
+"""Reading what every stage decided, for `hierarchical_clusters` (before sampling) and
+`curation_decisions` (after it). One loader, so both see the same survivors."""
+
+from pathlib import Path
+
+import polars as pl
+
+from curation_assets.assets.dedup.exact_duplicates import EXACT
+from curation_assets.assets.dedup.near_dedup import GROUPS
+from curation_assets.assets.filters.filter_decisions import FILTER_DECISIONS, score_assets
+from curation_assets.assets.ingest.discovery import INVENTORY
+from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.config import ProjectConfig
+from curation_assets.core.outputs.decisions import STAGES, DecisionInputs, build_decisions
+from curation_assets.resources.store import ProjectStore
+
+
+class MissingInputError(RuntimeError):
+    """A stage the project runs has not written its output yet."""
+
+
+def _global(store: ProjectStore, asset: str) -> Path:
+    return store.global_path(asset, f"{asset}.parquet")
+
+
+def _read_required(store: ProjectStore, asset: str) -> pl.DataFrame:
+    path = _global(store, asset)
+    if not path.is_file():
+        raise MissingInputError(f"no {asset} yet: materialize it first")
+    return pl.read_parquet(path)
+
+
+def project_stages(project: ProjectConfig, with_sample: bool) -> list[str]:
+    """The decision stages the project runs, in order."""
+    stages = project.stages
+    on = {
+        "sanitize": True,
+        "exact_dedup": stages.exact_dedup.enabled,
+        "near_dedup": stages.near_dedup.enabled,
+        "filters": bool(score_assets(project)),
+        "sampling": stages.sampling.enabled and with_sample,
+    }
+    return [stage for stage in STAGES if on[stage]]
+
+
+def load_decision_inputs(
+    project: ProjectConfig, store: ProjectStore, shards: list[str], sample_path: Path | None = None
+) -> DecisionInputs:
+    """Every stage's output over ``shards`` (sample_path: the curated sample, None before sampling)."""
+    inventory = store.scan_shards(INVENTORY, shards)
+    sanitized = store.scan_shards(SANITIZED, shards)
+    if inventory is None or sanitized is None:
+        raise MissingInputError("no processed shard yet: run the shard job first")
+    stages = set(project_stages(project, sample_path is not None))
+    sample = None
+    if sample_path is not None:
+        if not sample_path.is_file():
+            raise MissingInputError(f"no sample at {sample_path}: materialize curated_sample first")
+        sample = pl.read_parquet(sample_path)
+    return DecisionInputs(
+        inventory=inventory.collect(),
+        sanitized=sanitized.collect(),
+        exact=_read_required(store, EXACT) if "exact_dedup" in stages else None,
+        near=_read_required(store, GROUPS) if "near_dedup" in stages else None,
+        filters=_read_required(store, FILTER_DECISIONS) if "filters" in stages else None,
+        sample=sample,
+    )
+
+
+def decisions_for(
+    project: ProjectConfig, store: ProjectStore, shards: list[str], sample_path: Path | None = None
+) -> pl.DataFrame:
+    inputs = load_decision_inputs(project, store, shards, sample_path)
+    return build_decisions(inputs, project.dataset.roots, project.dataset.input_kind)

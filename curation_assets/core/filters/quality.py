@@ -1,0 +1,359 @@
+"""Weight-free technical-quality scores: blur, darkness, over-exposure, low information, grayscale.
+
+Pure library, no Dagster. Every score is computed on a *working image*: the decoded,
+upright RGB image reduced (area average) so that its longer side is :data:`WORK_SIDE`
+pixels. A fixed working size makes the scores independent of resolution, so one
+threshold fits a pool of mixed sizes, and lets JPEGs decode in draft mode (DCT
+scaling), which is what makes this pass cheap. Images smaller than the working size are
+scored as they are: enlarging them would only add blur.
+
+The checks are small named units in :data:`QUALITY_CHECKS` (cleanvision style): each
+names the score column it reads, which side of its threshold is bad, and a documented
+default. :func:`quality_flags` applies them to a score table; ``filter_decisions`` in the
+assets builds the same comparisons as :class:`~curation_assets.core.filters.rules.FilterRule`
+objects (:func:`quality_rules`), so a flag and a removal always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from curation_assets.core.filters.rules import FilterRule
+from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
+from curation_assets.core.pool import map_chunks, usable_cores
+
+if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
+    from curation_assets.core.ingest.images import ImageRef
+
+QUALITY_VERSION = 1  # bump when a score's definition changes: stored scores are recomputed
+
+WORK_SIDE = 256  # longer side of the working image every score is computed on
+# The blur score's denominator (rms of the 2-4 px detail, luminance in [0, 1]) is held
+# at least this (a quarter of a grey level): a flat image must not divide noise by zero.
+MIN_STRUCTURE = 1e-3
+# Colourfulness (Hasler & Suesstrunk, on RGB in [0, 1]) below which an image counts as
+# grayscale: exact greys score 0; this leaves room for the chroma noise of a grey picture
+# saved as colour JPEG. On the demo, colour photos score >= 0.06 and the palest drawings
+# (near-grey documents) >= 0.014.
+GRAYSCALE_COLORFULNESS = 0.01
+
+QUALITY_COLUMNS: dict[str, Any] = {
+    "image_id": pl.String,
+    "blur": pl.Float64,  # fine-to-coarse detail ratio of the grey working image: higher = sharper
+    "brightness_p99": pl.Float64,  # 99th percentile of luminance in [0, 1]: low = dark
+    "brightness_p5": pl.Float64,  # 5th percentile of luminance in [0, 1]: high = over-exposed
+    "entropy": pl.Float64,  # Shannon entropy of the 256-bin grey histogram, bits (0-8)
+    "colorfulness": pl.Float64,  # Hasler-Suesstrunk colourfulness on [0, 1] RGB: 0 = grey
+    "error": pl.String,  # why an image has no scores (null when scored)
+}
+SCORE_NAMES: tuple[str, ...] = ("blur", "brightness_p99", "brightness_p5", "entropy", "colorfulness")
+
+
+# ----------------------------------------------------------------------------- the metrics
+
+
+def working_image(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
+    """``image`` as RGB reduced by area averaging so that its longer side is ``side`` (never enlarged)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    scale = side / max(width, height, 1)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # BOX is a true area average: no ringing, and cheap for the large reductions this needs.
+    return image.resize(size, Image.Resampling.BOX)
+
+
+def blur_score(grey: np.ndarray) -> float:
+    """Fine-to-coarse detail ratio of a grey image in [0, 1]: higher = sharper.
+
+    ``rms(grey - G1(grey)) / rms(G1(half) - G2(half))``, with ``Gs`` a Gaussian blur of
+    sigma ``s`` pixels and ``half`` the image averaged over 2x2 blocks: the detail finer
+    than about a pixel over the structure at the 2-4 pixel scale (measured at half
+    resolution, where it costs a quarter). Blur empties the fine band long before the
+    coarse one, while exposure and contrast scale both alike, so a dark or flat-lit but
+    sharp photo is not blurry, and a photo with little texture is judged by the texture
+    it has. On the working image (longer side :data:`WORK_SIDE`) the scale is fixed
+    relative to the picture, not to its pixel count. An image with no structure at all
+    (a flat colour) scores 0. NaN for images under 3x3 pixels.
+    """
+    from scipy import ndimage  # here, not at the top: listing and signatures stay light
+
+    if grey.shape[0] < 3 or grey.shape[1] < 3:
+        return float("nan")
+    grey = grey.astype(np.float32, copy=False)
+    fine = grey - ndimage.gaussian_filter(grey, 1.0)
+    rows, cols = grey.shape[0] // 2 * 2, grey.shape[1] // 2 * 2
+    block = grey[:rows, :cols]
+    half = 0.25 * (block[0::2, 0::2] + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2])
+    coarse = ndimage.gaussian_filter(half, 1.0) - ndimage.gaussian_filter(half, 2.0)
+    return _rms(fine) / max(_rms(coarse), MIN_STRUCTURE)
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values, dtype=np.float64))))
+
+
+def grey_entropy(grey_u8: np.ndarray) -> float:
+    """Shannon entropy, in bits, of the 256-bin histogram of an 8-bit grey image."""
+    counts = np.bincount(grey_u8.ravel(), minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0: a flat image gives 0.0, not -0.0
+
+
+def colorfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of RGB values in [0, 1]; 0 for any grey image."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    spread = np.sqrt(rg.var() + yb.var())
+    mean = np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+    return float(spread + 0.3 * mean)
+
+
+def quality_metrics(image: Image.Image) -> dict[str, float]:
+    """The scores of :data:`SCORE_NAMES` for one (upright) image, on its working image."""
+    work = working_image(image)
+    grey_u8 = np.asarray(work.convert("L"))  # ITU-R 601 luma, as cleanvision and most viewers
+    grey = grey_u8.astype(np.float32) / 255.0
+    p5, p99 = np.percentile(grey, (5, 99))
+    rgb = np.asarray(work, dtype=np.float32) / 255.0
+    return {
+        "blur": blur_score(grey),
+        "brightness_p99": float(p99),
+        "brightness_p5": float(p5),
+        "entropy": grey_entropy(grey_u8),
+        "colorfulness": colorfulness(rgb),
+    }
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def draft_size(width: int | None, height: int | None, side: int = WORK_SIDE) -> tuple[int, int] | None:
+    """The size to ask JPEG draft mode for so that the decode is still at least the working size."""
+    if not width or not height or width <= 0 or height <= 0:
+        return None  # unknown size: decode in full (slower, same scores)
+    scale = min(1.0, side / max(width, height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _empty_row(image_id: str, error: str) -> dict[str, Any]:
+    return {"image_id": image_id, **dict.fromkeys(SCORE_NAMES), "error": error}
+
+
+def score_ref(ref: ImageRef) -> dict[str, Any]:
+    """One row of :data:`QUALITY_COLUMNS` for ``ref``; a failure is recorded in ``error``, never raised."""
+    try:
+        data = read_bytes(ref.source_path, ref.offset, ref.size)
+        image = load_rgb(data, draft_size=draft_size(ref.width, ref.height))
+        scores = quality_metrics(image)
+    except Exception as exc:  # a file changed or broke since sanitize: recorded, not fatal
+        return _empty_row(ref.image_id, describe_error(exc))
+    row: dict[str, Any] = {"image_id": ref.image_id}
+    for name in SCORE_NAMES:
+        value = scores[name]
+        row[name] = value if np.isfinite(value) else None
+    row["error"] = None
+    return row
+
+
+def _score_chunk(refs: tuple[ImageRef, ...]) -> list[dict[str, Any]]:
+    """Worker entry point (module level so that forkserver/spawn workers can import it)."""
+    return [score_ref(ref) for ref in refs]
+
+
+# ----------------------------------------------------------------------------- many images
+
+Progress = Callable[[int, "int | None", "float | None"], None]
+
+
+def _error_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, describe_error(exc))
+
+
+def _died_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
+    return _empty_row(ref.image_id, "the worker process died scoring this image")
+
+
+def score_images(
+    refs: Sequence[ImageRef],
+    workers: int = 0,
+    chunk_size: int = 64,
+    progress: Progress | None = None,
+) -> pl.DataFrame:
+    """Quality scores of ``refs`` as a :data:`QUALITY_COLUMNS` frame, one row per ref in ``refs`` order.
+
+    ``workers``: decode processes; 0 = one per CPU core, 1 = in this process (as the
+    sanitize stage counts them). Workers read the bytes themselves (only paths cross
+    process boundaries), take ``chunk_size`` images per task, and at most four tasks per
+    worker are queued, so memory stays bounded on large shards. An image that fails gets
+    null scores and an ``error``; one that kills its worker process is found by scoring
+    the lost images one at a time, and gets an error saying so. ``progress(done, total,
+    images_per_second)`` is called after each task. The worker processes live for this
+    call only (:func:`~curation_assets.core.pool.map_chunks`).
+    """
+    rows = map_chunks(
+        refs,
+        _score_chunk,
+        workers=int(workers) if workers > 0 else usable_cores(),
+        chunk_size=chunk_size,
+        in_flight_per_worker=4,
+        failed_row=_error_row,
+        died_row=_died_row,
+        progress=progress,
+    )
+    return pl.DataFrame(rows, schema=QUALITY_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """A named quality check: ``column`` is bad when ``removes`` ("below"/"above") its threshold."""
+
+    name: str  # the issue name in quality_issues; the flag column is is_<name>
+    column: str
+    removes: Literal["below", "above"]
+    default: float
+    doc: str
+
+
+QUALITY_CHECKS: dict[str, QualityCheck] = {
+    check.name: check
+    for check in (
+        QualityCheck(
+            "dark",
+            "brightness_p99",
+            "below",
+            0.32,
+            "even the brightest 1% of pixels are darker than the threshold (cleanvision: 0.32)",
+        ),
+        QualityCheck(
+            "light",
+            "brightness_p5",
+            "above",
+            0.95,
+            "even the darkest 5% of pixels are brighter than the threshold (cleanvision: 0.95)",
+        ),
+        QualityCheck(
+            "low_information",
+            "entropy",
+            "below",
+            3.0,
+            "the grey histogram holds fewer than the threshold's bits (cleanvision: 3 bits)",
+        ),
+        QualityCheck(
+            "blurry",
+            "blur",
+            "below",
+            0.35,
+            "fine detail under 0.35 x the 2-4 px structure (blur_score); separates the demo blur",
+        ),
+        QualityCheck(
+            "grayscale",
+            "colorfulness",
+            "below",
+            GRAYSCALE_COLORFULNESS,
+            "no colour (off unless the project enables the grayscale check)",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Thresholds of the quality checks (defaults: :data:`QUALITY_CHECKS`); grayscale is on/off."""
+
+    dark: float = QUALITY_CHECKS["dark"].default
+    light: float = QUALITY_CHECKS["light"].default
+    low_information: float = QUALITY_CHECKS["low_information"].default
+    blur: float = QUALITY_CHECKS["blurry"].default
+    grayscale: bool = False
+
+    @classmethod
+    def from_stage(cls, stage: Any) -> QualityThresholds:
+        """From a config ``QualityStage`` (dark_threshold, light_threshold, ...)."""
+        return cls(
+            dark=stage.dark_threshold,
+            light=stage.light_threshold,
+            low_information=stage.low_information_threshold,
+            blur=stage.blur_threshold,
+            grayscale=stage.grayscale,
+        )
+
+    def threshold(self, check: str) -> float:
+        values = {
+            "dark": self.dark,
+            "light": self.light,
+            "low_information": self.low_information,
+            "blurry": self.blur,
+            "grayscale": GRAYSCALE_COLORFULNESS,
+        }
+        return float(values[check])
+
+    def enabled(self, check: str) -> bool:
+        return check != "grayscale" or self.grayscale
+
+
+def quality_rules(thresholds: QualityThresholds) -> list[FilterRule]:
+    """The enabled checks as filter rules named ``quality:<issue>`` (for ``filters.decide``)."""
+    return [
+        FilterRule(f"quality:{check.name}", check.column, thresholds.threshold(check.name), check.removes)
+        for check in QUALITY_CHECKS.values()
+        if thresholds.enabled(check.name)
+    ]
+
+
+def quality_flags(scores: pl.DataFrame, thresholds: QualityThresholds) -> pl.DataFrame:
+    """``scores`` plus ``is_<issue>`` booleans and ``quality_issues`` (list of the issues that apply).
+
+    A flag is null where its score is null (an image that could not be scored is not
+    flagged; its ``error`` says why). ``is_grayscale`` always reports whether the image
+    has no colour; "grayscale" enters ``quality_issues`` only when ``thresholds.grayscale``
+    is on. The comparisons are strict, as in ``filters.decide``: a score equal to its
+    threshold is not flagged.
+    """
+    missing = [c.column for c in QUALITY_CHECKS.values() if c.column not in scores.columns]
+    if missing:
+        raise ValueError(f"quality_flags: the score table has no column {', '.join(missing)}")
+    flags = []
+    issues = []
+    for check in QUALITY_CHECKS.values():
+        value = pl.col(check.column).cast(pl.Float64).fill_nan(None)
+        threshold = thresholds.threshold(check.name)
+        flag = value < threshold if check.removes == "below" else value > threshold
+        flags.append(flag.alias(f"is_{check.name}"))
+        if thresholds.enabled(check.name):
+            issues.append(pl.when(flag.fill_null(False)).then(pl.lit(check.name)).otherwise(None))
+    listed = pl.concat_list(issues).list.drop_nulls() if issues else pl.lit([], dtype=pl.List(pl.String))
+    return scores.with_columns(*flags, listed.alias("quality_issues"))
+
+
+__all__ = [
+    "GRAYSCALE_COLORFULNESS",
+    "QUALITY_CHECKS",
+    "QUALITY_COLUMNS",
+    "QUALITY_VERSION",
+    "SCORE_NAMES",
+    "WORK_SIDE",
+    "QualityCheck",
+    "QualityThresholds",
+    "blur_score",
+    "colorfulness",
+    "grey_entropy",
+    "quality_flags",
+    "quality_metrics",
+    "quality_rules",
+    "score_images",
+    "score_ref",
+    "working_image",
+]

@@ -1,0 +1,1090 @@
+"""k-means and hierarchical k-means with resampling over large (memory-mapped) embedding matrices.
+
+The clustering half of the balancing step of Vo et al. 2024 ("Automatic Data Curation for
+Self-Supervised Learning: A Clustering-Based Approach"); :mod:`curation_assets.core.select.sampling`
+draws the balanced sample from the :class:`Hierarchy` built here.
+
+:func:`kmeans`
+    Greedy k-means++ initialisation (``2 + floor(ln k)`` candidates per new centre, the one
+    that lowers the potential most is kept), then Lloyd iterations. Metric ``cosine``
+    (rows L2-normalised, centroids are normalised means: spherical k-means; distance
+    ``1 - cos``) or ``l2`` (squared Euclidean). Distances are float32 matrix products;
+    centroid sums are float32 over at most ``_GEMM_ROWS`` rows and accumulated in float64.
+    Empty clusters are re-seeded deterministically with the points farthest from their
+    centroids (farthest first, ties by row; empty clusters in id order). Same seed, same
+    result; the chunk size only changes float64 summation order.
+:func:`hierarchical_kmeans`
+    Bottom-up: level 1 clusters the points, level t the centroids of level t-1. At a level
+    with ``n_samples`` r > 0 the clustering is resampled ``n_resamples`` times: the r inputs
+    closest to each centroid are taken, a fresh k-means runs on their union and all the
+    level's inputs are reassigned to its centroids. Each cluster then weighs the same
+    whatever its density, which moves centroids towards a uniform cover of the data's
+    support. Finished levels can be checkpointed so that an interrupted run resumes.
+
+Speed (the work is matrix products; everything else is kept off the hot path):
+
+- Lloyd: one pass over the data per iteration: ``block @ centroids.T`` then arg-max in
+  blocks of ``_GEMM_ROWS`` rows, so the score block stays in cache; centroid sums in the
+  same pass (a sparse one-hot product). Backend ``torch`` ("matrix products"): torch on
+  CUDA, and on the CPU the same products through numpy's BLAS (see :class:`_Ops` for why).
+  Backend ``faiss`` does the nearest-centroid search with faiss (GPU index when the device
+  is CUDA and faiss has GPUs) instead; everything else is shared. Measured on this 2-core
+  CPU (200k x 512, k = 1000): ~165 GFLOP/s per Lloyd pass against ~190 for a bare sgemm.
+- k-means++: exact greedy k-means++ needs, per new centre, the distance of every point to
+  each of its candidates: a skinny product that rereads the whole matrix per centre (1000
+  centres x 400 MB at 200k x 512 float32: memory-bound). Here candidates for many centres
+  are drawn at once from the current D^2 distribution ("pool"), their distances to all
+  points computed by one wide matrix product, and the centres then chosen one by one from
+  that pool by rejection sampling: a pool draw ``j`` is accepted with probability
+  ``D_now(j) / D_pool(j)`` (D only shrinks as centres are added), which makes each accepted
+  candidate an exact draw from the current distribution. When the pool runs dry a new one
+  is drawn. Pools serve more centres while most draws are accepted and fewer when not,
+  capped by ``pool_bytes`` (200k x 512, k = 1000: ~20 products of up to 670 candidates).
+  The random stream differs from one-draw-at-a-time k-means++, the distribution does not.
+- Input: rows are read ``chunk_size`` at a time and converted to float32 (normalised for
+  cosine). When the prepared float32 matrix fits in ``max_cache_bytes`` (default: 2 GiB on
+  the CPU, half the free memory of a CUDA device) it is kept after the first pass, on the
+  device; otherwise every pass streams the chunks again, so a large float16 memmap is never
+  copied whole (the cost: a conversion per chunk and pass, small next to the products
+  whenever k is in the hundreds or more).
+- Low-dimensional rows (d <= 8, e.g. the 2-D toys of the paper): nearest centroids by a k-d
+  tree (``backend="kdtree"``, picked by ``auto`` on the CPU) and a k-means++ that sums each
+  candidate's gain over the few boxes of rows it can reach (:func:`_kmeans_pp_cells`).
+
+Pure library: no Dagster import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.spatial import cKDTree
+
+METRICS = ("cosine", "l2")
+BACKENDS = ("auto", "torch", "faiss", "kdtree")
+_LOW_DIM = 8  # up to this dimension a k-d tree beats brute force (30k x 1000 in 2-D: 17 vs 120 ms)
+_GEMM_ROWS = 4096  # rows per product block: a 4096 x 1000 float32 score block stays in L3
+_DEFAULT_CACHE_BYTES = 2 << 30
+_DEFAULT_POOL_BYTES = 512 << 20
+_PROGRESS_EVERY_S = 5.0
+_CHECKPOINT_VERSION = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class KMeansResult:
+    """A clustering: centroids (unit rows for cosine), each row's cluster and its distance."""
+
+    centroids: np.ndarray  # (k, d) float32
+    assignment: np.ndarray  # (n,) int64
+    distances: np.ndarray  # (n,) float32: 1 - cos, or squared L2, to the own centroid
+    sizes: np.ndarray  # (k,) int64
+    iterations: int
+    inertia: float  # sum of distances (float64)
+    timings: dict[str, float] = field(default_factory=dict)  # init_s, lloyd_s (of which assign_s)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of the hierarchy: its cluster count and points kept per cluster when resampling."""
+
+    n_clusters: int
+    n_samples: int = 0  # 0: no resampling at this level
+
+
+@dataclass
+class LevelResult:
+    """One finished level. Inputs are the points (level 1) or the previous level's centroids."""
+
+    centroids: np.ndarray  # (k_t, d) float32
+    assignment: np.ndarray  # (n_inputs_t,) int64
+    sizes: np.ndarray  # (k_t,) int64: inputs per cluster
+    distances: np.ndarray | None = None  # (n_inputs_t,) float32: each input to its centroid
+    stats: dict[str, Any] = field(default_factory=dict)  # timings, iterations, inertia, resamples
+
+
+@dataclass
+class Hierarchy:
+    """Levels bottom-up: ``levels[0]`` clusters the points, ``levels[t]`` the centroids of ``levels[t-1]``."""
+
+    levels: list[LevelResult]
+    metric: str = "cosine"
+
+    def point_clusters(self) -> np.ndarray:
+        """(n_points, L) int64: the cluster of each point at each level."""
+        out = np.empty((len(self.levels[0].assignment), len(self.levels)), dtype=np.int64)
+        out[:, 0] = self.levels[0].assignment
+        for t in range(1, len(self.levels)):
+            out[:, t] = self.levels[t].assignment[out[:, t - 1]]
+        return out
+
+    def point_distances(self) -> np.ndarray:
+        """(n_points,) float32: distance of each point to its level-1 centroid."""
+        if self.levels[0].distances is None:
+            raise ValueError("level 1 carries no distances (LevelResult.distances is None)")
+        return self.levels[0].distances
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+class _Ops:
+    """Array operations on the compute device: numpy (its BLAS) on the CPU, torch on CUDA.
+
+    On a shared CPU torch's OpenMP pool stalls at every parallel op when another process
+    holds a core (measured: ~15 ms for a 200k-element max, 16 ms for a 770 x 12 x 30
+    product, against 0.1 ms and 7 us in numpy); numpy's OpenBLAS products run at the same
+    GFLOP/s as torch's on large matrices and small ops stay single-threaded.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.numpy = device.type == "cpu" and not _TORCH_ON_CPU
+
+    def put(self, array: np.ndarray) -> Any:
+        """A numpy array on the device (shared, not copied, on the CPU)."""
+        return array if self.numpy else torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def get(self, array: Any) -> np.ndarray:
+        return array if self.numpy else array.cpu().numpy()
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        if self.numpy:
+            return np.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], device=self.device)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        if self.numpy:
+            return np.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], device=self.device)
+
+    def matmul_nt(self, a: Any, b: Any, out: Any = None) -> Any:
+        """a @ b.T (into ``out`` when given)."""
+        if self.numpy:
+            return np.matmul(a, b.T, out=out)
+        return torch.mm(a, b.T, out=out)
+
+    def sq_norms(self, a: Any) -> Any:
+        return np.einsum("ij,ij->i", a, a) if self.numpy else torch.einsum("ij,ij->i", a, a)
+
+    def maximum(self, a: Any, b: Any, out: Any = None) -> Any:
+        return np.maximum(a, b, out=out) if self.numpy else torch.maximum(a, b, out=out)
+
+    def sum64(self, a: Any) -> float:
+        return float(a.sum(dtype=np.float64) if self.numpy else a.sum(dtype=torch.float64))
+
+    def cumsum64(self, a: Any) -> Any:
+        return np.cumsum(a, dtype=np.float64) if self.numpy else torch.cumsum(a.to(torch.float64), 0)
+
+    def clamp0(self, a: Any) -> Any:
+        """max(a, 0) in place."""
+        return np.maximum(a, 0.0, out=a) if self.numpy else a.clamp_(min=0.0)
+
+    def searchsorted(self, cdf: Any, values: np.ndarray) -> np.ndarray:
+        """Right-side insertion points of ``values`` (numpy indices)."""
+        if self.numpy:
+            return np.searchsorted(cdf, values, side="right")
+        return torch.searchsorted(cdf, self.put(values), right=True).cpu().numpy()
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+# Tests set this to run the torch (CUDA) code path on the CPU, where no GPU is at hand.
+_TORCH_ON_CPU = False
+
+
+# ----------------------------------------------------------------------------- input
+
+
+class _Points:
+    """Rows of ``x`` as prepared float32 blocks (normalised for cosine), cached when small.
+
+    Blocks are numpy arrays on the CPU and torch tensors on CUDA (see :class:`_Ops`).
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray | None,
+        *,
+        metric: str,
+        device: torch.device,
+        chunk_size: int,
+        max_cache_bytes: int | None = None,
+        prepared: Any = None,
+    ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.metric = metric
+        self.device = device
+        self.ops = _Ops(device)
+        self.chunk_size = int(chunk_size)
+        self._cache: Any = None
+        if prepared is not None:  # rows prepared already (centroids, resampled subsets)
+            self.x: Any = None
+            self.n, self.d = (int(s) for s in prepared.shape)
+            self._cache = prepared
+            return
+        if x is None or not hasattr(x, "shape") or len(x.shape) != 2:
+            raise ValueError(f"x must be a 2-D array (n, d), got shape {getattr(x, 'shape', None)}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"x must hold floating-point vectors, got dtype {x.dtype}")
+        self.x = x
+        self.n, self.d = (int(s) for s in x.shape)
+        if self.n == 0 or self.d == 0:
+            raise ValueError(f"x is empty: shape {tuple(x.shape)}")
+        if self.n * self.d * 4 <= _cache_budget(max_cache_bytes, device):
+            cache = self.ops.empty((self.n, self.d))
+            for start, block in self._stream():
+                cache[start : start + len(block)] = block
+            self._cache = cache
+
+    @classmethod
+    def of_prepared(cls, rows: Any, metric: str, device: torch.device, chunk_size: int) -> _Points:
+        return cls(None, metric=metric, device=device, chunk_size=chunk_size, prepared=rows)
+
+    def _prepare(self, rows: np.ndarray, first: int | None) -> Any:
+        where = f"rows {first}..{first + len(rows) - 1}" if first is not None else "the requested rows"
+        if self.ops.numpy:
+            # a writable float32 copy: read-only memmaps cannot be normalised in place
+            block = np.array(rows, dtype=np.float32, copy=True)
+            finite = bool(np.isfinite(block).all())
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None] if self.metric == "cosine" else None
+        else:
+            # moved in its stored precision (float16 halves the transfer), float32 on the device
+            keep = rows.dtype if rows.dtype in (np.float16, np.float32) else np.float32
+            block = torch.from_numpy(np.array(rows, dtype=keep, copy=True)).to(self.device).float()
+            finite = bool(torch.isfinite(block).all())
+            norms = torch.linalg.vector_norm(block, dim=1, keepdim=True) if self.metric == "cosine" else None
+        if not finite:
+            raise ValueError(f"x has NaN or infinite values in {where}")
+        if norms is not None:
+            zero = np.flatnonzero(self.ops.get(norms)[:, 0] == 0)
+            if len(zero):
+                row = int(zero[0]) + (first or 0)
+                raise ValueError(f"x has an all-zero row ({row} in {where}): no direction for cosine")
+            block /= norms
+        return block
+
+    def _stream(self) -> Iterator[tuple[int, Any]]:
+        for start in range(0, self.n, self.chunk_size):
+            yield start, self._prepare(self.x[start : start + self.chunk_size], start)
+
+    @property
+    def cached(self) -> Any:
+        """All prepared rows when they are kept in memory, else None."""
+        return self._cache
+
+    def chunks(self) -> Iterator[tuple[int, Any]]:
+        """(first row, prepared block) over all rows, ``chunk_size`` rows at a time."""
+        if self._cache is None:
+            yield from self._stream()
+        else:
+            for start in range(0, self.n, self.chunk_size):
+                yield start, self._cache[start : start + self.chunk_size]
+
+    def all_rows(self) -> np.ndarray:
+        """Every prepared row as one float64 numpy array (for low-dimensional data only)."""
+        return np.concatenate([self.ops.get(chunk) for _, chunk in self.chunks()]).astype(np.float64)
+
+    def rows(self, index: np.ndarray) -> Any:
+        """Prepared rows at ``index`` (any order, repeats allowed)."""
+        index = np.asarray(index, dtype=np.int64)
+        if self._cache is not None:
+            return self._cache[self.ops.put(index)]
+        unique, inverse = np.unique(index, return_inverse=True)  # sorted reads from a memmap
+        return self._prepare(self.x[unique], None)[self.ops.put(inverse)]
+
+
+def _cache_budget(max_cache_bytes: int | None, device: torch.device) -> int:
+    """Bytes of prepared float32 rows that may be kept: given, or 2 GiB on the CPU and half
+    the free memory of a CUDA device (then every pass runs from device memory)."""
+    if max_cache_bytes is not None:
+        return max_cache_bytes
+    if device.type == "cuda":  # pragma: no cover - GPU only
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _DEFAULT_CACHE_BYTES
+
+
+def _pool_budget(pool_bytes: int | None, device: torch.device) -> int:
+    """Bytes for the k-means++ candidate pool (pool x n float32): given, or 512 MiB on the CPU
+    and a quarter of the free memory of a CUDA device."""
+    if pool_bytes is not None:
+        return pool_bytes
+    if device.type == "cuda":  # pragma: no cover - GPU only
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return _DEFAULT_POOL_BYTES
+
+
+def _block_rows(points: _Points, k: int) -> int:
+    """Rows per product block: cache-sized on the CPU; on CUDA a chunk, or fewer when the
+    (rows x k) float32 scores would pass 512 MiB (k = 50000: ~2700 rows)."""
+    if points.device.type == "cpu":
+        return _GEMM_ROWS
+    return max(256, min(points.chunk_size, (512 << 20) // (4 * k)))
+
+
+def _fingerprint(x: np.ndarray) -> str:
+    """Cheap identity of a matrix: shape, dtype and a hash of 64 evenly spaced rows."""
+    digest = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}".encode())
+    for row in np.unique(np.linspace(0, len(x) - 1, 64).astype(np.int64)).tolist():
+        digest.update(np.ascontiguousarray(x[row]).tobytes())
+    return digest.hexdigest()[:32]
+
+
+# ----------------------------------------------------------------------------- distances
+
+
+def _resolve(backend: str, device: str | torch.device) -> tuple[str, torch.device]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    if backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError as error:  # pragma: no cover - faiss is a dependency
+            raise ValueError("backend 'faiss' needs the faiss package") from error
+    return backend, dev
+
+
+def _pick_backend(backend: str, d: int, device: torch.device) -> str:
+    """``auto``: a k-d tree for low-dimensional rows on the CPU, else matrix products
+    (measured faster than faiss's flat search on this 2-core CPU: ~175 vs ~85 GFLOP/s)."""
+    if backend != "auto":
+        return backend
+    return "kdtree" if d <= _LOW_DIM and device.type == "cpu" else "torch"
+
+
+class _Searcher:
+    """Nearest centroid of each row of a block: matrix products, a faiss flat index or a k-d tree.
+
+    Returns (nearest, distance) as device arrays (numpy on the CPU).
+    """
+
+    def __init__(self, centroids: Any, metric: str, backend: str, ops: _Ops) -> None:
+        self.metric = metric
+        self.ops = ops
+        self.backend = backend = _pick_backend(backend, centroids.shape[1], ops.device)
+        c_sq = ops.sq_norms(centroids)
+        self.centroids = centroids
+        if backend == "torch":
+            # cosine: argmax x.c; L2: argmin |c|^2 - 2 x.c (|x|^2 added to the winner only),
+            # with the -2 folded into the centroids so that one pass follows the product
+            self.right = centroids if metric == "cosine" else centroids * -2.0
+            self.bias = None if metric == "cosine" else c_sq
+        elif backend == "kdtree":
+            self.tree = cKDTree(ops.get(centroids).astype(np.float64))
+        else:
+            import faiss
+
+            d = centroids.shape[1]
+            index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+            if ops.device.type == "cuda" and faiss.get_num_gpus() > 0:  # pragma: no cover - GPU only
+                self._resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._resources, ops.device.index or 0, index)
+            index.add(np.ascontiguousarray(ops.get(centroids), dtype=np.float32))
+            self.index = index
+
+    def __call__(self, block: Any) -> tuple[Any, Any]:
+        ops = self.ops
+        if self.backend == "kdtree":
+            # scipy starts its threads per call: worth it for big blocks only
+            workers = min(os.cpu_count() or 1, 4) if len(block) >= 16384 else 1
+            dist, nearest = self.tree.query(ops.get(block), k=1, workers=workers)
+            # Euclidean -> squared; on unit vectors 1 - cos = |x - c|^2 / 2
+            sq = dist**2 / (2.0 if self.metric == "cosine" else 1.0)
+            return ops.put(nearest.astype(np.int64)), ops.put(sq.astype(np.float32))
+        if self.backend == "faiss":
+            dist, nearest = self.index.search(np.ascontiguousarray(ops.get(block)), 1)
+            dist = (1.0 - dist[:, 0]) if self.metric == "cosine" else dist[:, 0]
+            return ops.put(nearest[:, 0].astype(np.int64)), ops.put(np.maximum(dist, 0.0).astype(np.float32))
+        scores = ops.matmul_nt(block, self.right)
+        if self.bias is not None:
+            scores += self.bias
+        if ops.numpy:
+            nearest = scores.argmin(1) if self.bias is not None else scores.argmax(1)
+            best = np.take_along_axis(scores, nearest[:, None], 1)[:, 0]
+        else:
+            best, nearest = scores.min(dim=1) if self.bias is not None else scores.max(dim=1)
+        if self.bias is None:
+            return nearest, ops.clamp0(1.0 - best)
+        # |x|^2 + |c|^2 - 2 x.c cancels badly far from the origin: the winner's distance is
+        # recomputed directly (d operations per row next to the product's k x d)
+        diff = block - self.centroids[nearest]
+        return nearest, ops.sq_norms(diff)
+
+
+def _add_sums(sums: Any, block: Any, nearest: Any, ops: _Ops) -> None:
+    """sums[c] += rows of ``block`` in cluster c: float32 within the block, float64 across blocks."""
+    if not ops.numpy:
+        sums.index_add_(0, nearest, block.to(torch.float64))
+        return
+    order = np.argsort(nearest, kind="stable")
+    present, first = np.unique(nearest[order], return_index=True)
+    indptr = np.append(first, len(nearest)).astype(np.int64)
+    onehot = sp.csr_matrix(
+        (np.ones(len(nearest), dtype=np.float32), order, indptr), shape=(len(present), len(nearest))
+    )
+    # scipy's sparse x dense product: ~10x faster than torch's index_add_ on this CPU
+    sums[present] += onehot @ block
+
+
+def _full_pass(
+    points: _Points, searcher: _Searcher, k: int, *, want_sums: bool
+) -> tuple[np.ndarray, np.ndarray, Any, float]:
+    """Assign every row: (assignment, distances, float64 sums per cluster or None, seconds)."""
+    started = time.perf_counter()
+    ops = points.ops
+    assignment = np.empty(points.n, dtype=np.int64)
+    distances = np.empty(points.n, dtype=np.float32)
+    sums = ops.zeros((k, points.d), np.float64) if want_sums else None
+    # products in bounded blocks; faiss and the k-d tree block for themselves
+    on_cpu = points.device.type == "cpu"
+    step = _block_rows(points, k) if searcher.backend == "torch" else points.chunk_size
+    for start, chunk in points.chunks():
+        for offset in range(0, len(chunk), step):
+            block = chunk[offset : offset + step]
+            nearest, dist = searcher(block)
+            if sums is not None:
+                # float32 sums over at most _GEMM_ROWS rows, whatever the chunk size
+                sum_step = _GEMM_ROWS if on_cpu else len(block)
+                for part in range(0, len(block), sum_step):
+                    _add_sums(sums, block[part : part + sum_step], nearest[part : part + sum_step], ops)
+            first = start + offset
+            assignment[first : first + len(block)] = ops.get(nearest)
+            distances[first : first + len(block)] = ops.get(dist)
+    return assignment, distances, sums, time.perf_counter() - started
+
+
+def _gains_to(points: _Points, centres: Any) -> Any:
+    """(len(centres), n) float32 "closeness" g of each row to each centre, one wide product.
+
+    The distance is ``base(x) - g``: cosine ``g = x.c`` (base 1), squared L2
+    ``g = 2 x.c - |c|^2`` (base ``|x|^2``), so the nearest centre is the largest g.
+    """
+    ops = points.ops
+    out = ops.empty((len(centres), points.n))
+    left = centres if points.metric == "cosine" else centres * 2.0
+    if points.cached is not None:  # one product writing the rows of out: no copy, BLAS blocks it
+        ops.matmul_nt(left, points.cached, out=out)
+    else:
+        for start, chunk in points.chunks():
+            out[:, start : start + len(chunk)] = ops.matmul_nt(left, chunk)
+    if points.metric == "l2":
+        out -= ops.sq_norms(centres)[:, None]
+    return out
+
+
+def _base(points: _Points) -> Any:
+    """Per row: distance = base - g (see :func:`_gains_to`)."""
+    ops = points.ops
+    if points.metric == "cosine":
+        return ops.put(np.ones(points.n, dtype=np.float32))
+    out = ops.empty((points.n,))
+    for start, chunk in points.chunks():
+        out[start : start + len(chunk)] = ops.sq_norms(chunk)
+    return out
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def _kmeans_pp(
+    points: _Points,
+    k: int,
+    rng: np.random.Generator,
+    *,
+    pool_bytes: int | None,
+    progress: Progress | None,
+    tag: str,
+) -> np.ndarray:
+    """Greedy k-means++: row indices of the k initial centres.
+
+    Each new centre: ``2 + floor(ln k)`` candidates drawn with probability proportional to
+    their distance to the nearest centre so far (squared L2, or 1 - cos which is half of it
+    on unit vectors); the one whose addition leaves the smallest total distance is kept.
+    """
+    trials = 2 + int(math.log(k))
+    first = int(rng.integers(points.n))
+    if points.d <= _LOW_DIM:
+        chosen = _kmeans_pp_cells(points.all_rows(), k, rng, first, trials)
+    else:
+        chosen = _kmeans_pp_pool(points, k, rng, first, trials, pool_bytes, progress, tag)
+    return np.array(chosen, dtype=np.int64)
+
+
+def _batch_size(have: int, k: int) -> int:
+    # D changes little while a quarter more centres are added: most pool draws stay acceptable
+    return min(k - have, max(1, have // 4))
+
+
+def _fill_degenerate(n: int, k: int, chosen: list[int], rng: np.random.Generator) -> list[int]:
+    """Every row coincides with a centre already: the remaining centres are arbitrary other rows."""
+    rest = np.setdiff1d(np.arange(n), np.array(chosen))
+    return chosen + rng.choice(rest, k - len(chosen), replace=False).tolist()
+
+
+def _kmeans_pp_pool(
+    points: _Points,
+    k: int,
+    rng: np.random.Generator,
+    first: int,
+    trials: int,
+    pool_bytes: int | None,
+    progress: Progress | None,
+    tag: str,
+) -> list[int]:
+    """k-means++ with candidates drawn in pools whose distances are one wide matrix product.
+
+    Works in closeness g (distance = base - g, :func:`_gains_to`): the best candidate is the
+    one with the largest sum of max(g_now, g_candidate). The batch of centres per pool grows
+    while most draws are accepted (random high-dimensional data: nearly all) and shrinks
+    when few are (early centres of clustered data change D a lot); the pool holds as many
+    draws as the last acceptance rate says the batch needs, so few columns are wasted.
+    """
+    n, ops = points.n, points.ops
+    base = _base(points)
+    chosen = [first]
+    g_now = _gains_to(points, points.rows(np.array(chosen)))[0]
+    max_pool = max(2 * trials, int(_pool_budget(pool_bytes, points.device) // (4 * n)))
+    growth = 0.25  # centres per pool, as a share of the centres so far
+    rate = 0.8  # share of draws accepted, from the last pool
+    last_report = time.perf_counter()
+    scratch = ops.empty((n,))
+    while len(chosen) < k:
+        fits = max(1, int((max_pool - trials) * rate / trials))  # centres one capped pool can serve
+        batch = min(k - len(chosen), math.ceil(growth * len(chosen)), fits)
+        size = min(max_pool, math.ceil(batch * trials / rate) + trials)
+        d_pool = ops.clamp0(base - g_now)
+        cdf = ops.cumsum64(d_pool)
+        total = float(cdf[-1])
+        if not total > 0.0:
+            return _fill_degenerate(n, k, chosen, rng)
+        pool = np.minimum(ops.searchsorted(cdf, rng.random(size) * total), n - 1)
+        accept_u = rng.random(size)
+        pool_at = ops.put(pool)
+        d_pool_at = ops.get(d_pool[pool_at]).astype(np.float64)
+        base_at = base[pool_at]
+        columns = _gains_to(points, points.rows(pool))
+
+        def d_now_at(a: int, b: int, pool_at: Any = pool_at, base_at: Any = base_at) -> np.ndarray:
+            return ops.get(ops.clamp0(base_at[a:b] - g_now[pool_at[a:b]]))
+
+        position, taken = 0, 0
+        while taken < batch:
+            accepted = _accept(accept_u, d_pool_at, d_now_at, position, trials)
+            if len(accepted) < trials:
+                break  # pool used up: draw a new one from the current distribution
+            kept = [ops.sum64(ops.maximum(columns[j], g_now, out=scratch)) for j in accepted.tolist()]
+            best = int(accepted[int(np.argmax(kept))])  # first of equal sums: deterministic
+            chosen.append(int(pool[best]))
+            ops.maximum(g_now, columns[best], out=g_now)
+            position, taken = int(accepted[-1]) + 1, taken + 1
+        rate = min(1.0, max(0.1, taken * trials / max(position, 1)))
+        if rate >= 0.8:
+            growth = min(growth * 2, 4.0)  # most draws accepted: serve more centres per product
+        elif rate < 0.5:
+            growth = max(growth / 2, 1 / 16)
+        if progress is not None and time.perf_counter() - last_report > _PROGRESS_EVERY_S:
+            last_report = time.perf_counter()
+            progress(f"{tag}k-means++: {len(chosen)}/{k} centres")
+    return chosen
+
+
+def _leaf_cells(x: np.ndarray, leaf_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A k-d partition: (permutation of the rows, start of each cell in it), cells <= leaf_size rows.
+
+    Each segment is split at the median of its widest dimension, so cells are compact boxes.
+    """
+    n = len(x)
+    order = np.arange(n)
+    segments, leaves = [(0, n)], []
+    while segments:
+        split = []
+        for start, end in segments:
+            if end - start <= leaf_size:
+                leaves.append(start)
+                continue
+            part = x[order[start:end]]
+            widest = int(np.argmax(part.max(axis=0) - part.min(axis=0)))
+            middle = (end - start) // 2
+            order[start:end] = order[start:end][np.argpartition(part[:, widest], middle)]
+            split += [(start, start + middle), (start + middle, end)]
+        segments = split
+    return order, np.sort(np.array(leaves, dtype=np.int64))
+
+
+def _accept(
+    accept_u: np.ndarray,
+    d_pool_at: np.ndarray,
+    d_now_at: Callable[[int, int], np.ndarray],
+    position: int,
+    trials: int,
+) -> np.ndarray:
+    """Pool positions of the next ``trials`` accepted draws from ``position`` on (fewer when the
+    pool runs out). Draw j was made with probability ~ D_pool; accepting it with probability
+    D_now / D_pool (D only shrinks) makes it a draw ~ D_now. ``d_pool_at``: D_pool at each pool
+    draw; ``d_now_at(start, end)``: D_now at draws start..end-1. Looks at a small window first:
+    most draws are accepted."""
+    window = 2 * trials
+    while True:
+        end = min(len(accept_u), position + window)
+        ok = accept_u[position:end] * d_pool_at[position:end] < d_now_at(position, end)
+        accepted = position + np.flatnonzero(ok)
+        if len(accepted) >= trials or end == len(accept_u):
+            return accepted[:trials]
+        window *= 4
+
+
+def _kmeans_pp_cells(x: np.ndarray, k: int, rng: np.random.Generator, first: int, trials: int) -> list[int]:
+    """k-means++ for low-dimensional rows, gains summed over the rows that can gain only.
+
+    A row moves to candidate c only if |x - c|^2 < D(x). Rows are grouped in small boxes
+    (:func:`_leaf_cells`) that keep their largest D; a box whose nearest point to c is farther
+    than that is skipped whole. Late in the initialisation a candidate touches a few boxes,
+    so each new centre costs far less than a pass over all rows.
+    """
+    n = len(x)
+    order, starts = _leaf_cells(x)
+    xp = np.ascontiguousarray(x[order])  # rows in cell order
+    lengths = np.diff(np.append(starts, n))
+    low = np.minimum.reduceat(xp, starts, axis=0)
+    high = np.maximum.reduceat(xp, starts, axis=0)
+    middle = np.ascontiguousarray(((low + high) / 2).T)  # (d, cells): one dimension at a time below
+    half = np.ascontiguousarray(((high - low) / 2).T)
+    first_p = int(np.flatnonzero(order == first)[0])
+    diff = xp - xp[first_p]
+    d_now = np.einsum("ij,ij->i", diff, diff)
+    cell_max = np.maximum.reduceat(d_now, starts)
+    chosen = [first_p]
+
+    def rows_of(cells: np.ndarray) -> np.ndarray:
+        size = lengths[cells]
+        ends = np.cumsum(size)
+        return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts[cells] - (ends - size), size)
+
+    while len(chosen) < k:
+        batch = _batch_size(len(chosen), k)
+        size = math.ceil(batch * trials * 1.25) + trials
+        d_pool = d_now.copy()
+        cdf = np.cumsum(d_pool)
+        if not cdf[-1] > 0.0:
+            return order[_fill_degenerate(n, k, chosen, rng)].tolist()
+        pool = np.minimum(np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right"), n - 1)
+        accept_u = rng.random(size)
+        d_pool_at = d_pool[pool]
+        position = 0
+        for _ in range(batch):
+            accepted = _accept(
+                accept_u, d_pool_at, lambda a, b, pool=pool: d_now[pool[a:b]], position, trials
+            )
+            if len(accepted) < trials:
+                break
+            candidates = pool[accepted]
+            centres = xp[candidates]
+            # squared distance from each candidate to each box (0 inside), built dimension by
+            # dimension: 7x faster than one (candidates, cells, d) broadcast here
+            box = np.zeros((len(candidates), len(starts)))
+            for dim in range(x.shape[1]):
+                gap = np.abs(centres[:, dim, None] - middle[dim])
+                gap -= half[dim]
+                np.maximum(gap, 0.0, out=gap)
+                box += gap * gap
+            # all (candidate, cell) pairs that may gain at once: few numpy calls per centre
+            which, cells = np.nonzero(box < cell_max)
+            rows = rows_of(cells)
+            owner = np.repeat(which, lengths[cells])
+            diff = xp[rows] - centres[owner]
+            dist = np.einsum("ij,ij->i", diff, diff)
+            gains = np.bincount(owner, weights=np.maximum(d_now[rows] - dist, 0.0), minlength=len(candidates))
+            best = int(np.argmax(gains))  # first of equal gains: deterministic
+            chosen.append(int(candidates[best]))
+            mine = owner == best
+            rows, dist, cells = rows[mine], dist[mine], cells[which == best]
+            if len(rows):
+                d_now[rows] = np.minimum(d_now[rows], dist)
+                size = lengths[cells]
+                offsets = np.cumsum(size) - size
+                cell_max[cells] = np.maximum.reduceat(d_now[rows], offsets)
+            position = int(accepted[-1]) + 1
+    return order[np.array(chosen)].tolist()
+
+
+def _update(
+    points: _Points, sums: Any, sizes: np.ndarray, previous: Any, distances: np.ndarray
+) -> tuple[Any, int]:
+    """New centroids from the sums; empty clusters re-seeded at the farthest rows. (centroids, empties)."""
+    ops = points.ops
+    sums, old = ops.get(sums), ops.get(previous).astype(np.float64)
+    filled = sizes > 0
+    means = old.copy()
+    means[filled] = sums[filled] / sizes[filled, None]
+    if points.metric == "cosine":
+        norms = np.linalg.norm(means, axis=1, keepdims=True)
+        # a sum of unit vectors that cancels out has no direction: keep the old centroid
+        means = np.where(norms > 1e-12, means / np.maximum(norms, 1e-30), old)
+    centroids = means.astype(np.float32)
+    empty = np.flatnonzero(sizes == 0)
+    if len(empty):
+        count = min(len(empty), points.n)
+        far = np.argpartition(-distances, count - 1)[:count]
+        far = far[np.lexsort((far, -distances[far]))]  # farthest first, ties by row: deterministic
+        centroids[empty[:count]] = ops.get(points.rows(far))
+    return ops.put(centroids), len(empty)
+
+
+def _lloyd(
+    points: _Points,
+    centroids: Any,
+    *,
+    max_iters: int,
+    tol: float,
+    backend: str,
+    progress: Progress | None,
+    tag: str,
+) -> tuple[KMeansResult, Any]:
+    k = len(centroids)
+    previous: np.ndarray | None = None
+    previous_inertia = math.inf
+    assign_s = 0.0
+    iteration = 0
+    while True:
+        iteration += 1
+        searcher = _Searcher(centroids, points.metric, backend, points.ops)
+        assignment, distances, sums, seconds = _full_pass(points, searcher, k, want_sums=True)
+        assign_s += seconds
+        sizes = np.bincount(assignment, minlength=k).astype(np.int64)
+        inertia = float(distances.sum(dtype=np.float64))
+        if progress is not None:
+            progress(
+                f"{tag}iteration {iteration}/{max_iters}: inertia {inertia:.6g}, "
+                f"{points.n / max(seconds, 1e-9):,.0f} points/s"
+            )
+        unchanged = previous is not None and np.array_equal(assignment, previous)
+        small_gain = tol > 0 and previous_inertia - inertia <= tol * abs(inertia)
+        if unchanged or small_gain or iteration >= max_iters:
+            break  # the returned centroids are the ones this assignment was made with
+        previous, previous_inertia = assignment, inertia
+        centroids, _ = _update(points, sums, sizes, centroids, distances)
+    result = KMeansResult(
+        centroids=np.array(points.ops.get(centroids), dtype=np.float32),
+        assignment=assignment,
+        distances=distances,
+        sizes=sizes,
+        iterations=iteration,
+        inertia=inertia,
+        timings={"assign_s": assign_s},
+    )
+    return result, centroids
+
+
+def _kmeans(
+    points: _Points,
+    k: int,
+    *,
+    rng: np.random.Generator,
+    max_iters: int,
+    tol: float,
+    backend: str,
+    pool_bytes: int | None,
+    progress: Progress | None,
+    tag: str = "",
+) -> tuple[KMeansResult, Any]:
+    if not 1 <= k <= points.n:
+        raise ValueError(f"k must be between 1 and the number of rows ({points.n}), got {k}")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    started = time.perf_counter()
+    seeds = _kmeans_pp(points, k, rng, pool_bytes=pool_bytes, progress=progress, tag=tag)
+    init_s = time.perf_counter() - started
+    result, centroids = _lloyd(
+        points, points.rows(seeds), max_iters=max_iters, tol=tol, backend=backend, progress=progress, tag=tag
+    )
+    result.timings.update(init_s=init_s, lloyd_s=time.perf_counter() - started - init_s)
+    return result, centroids
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    metric: str = "cosine",
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    chunk_size: int = 65536,
+    backend: str = "auto",
+    device: str = "cpu",
+    progress: Progress | None = None,
+    max_cache_bytes: int | None = None,
+    pool_bytes: int | None = None,
+) -> KMeansResult:
+    """k-means of the rows of ``x`` (float16/32 array or memmap, read in ``chunk_size`` rows).
+
+    Stops after ``max_iters`` assignment passes, when no row changes cluster, or (``tol`` >
+    0) when the inertia falls by less than ``tol`` x inertia. ``iterations`` counts passes.
+    Backends: ``auto`` (matrix products, or the k-d tree for d <= 8 on the CPU), ``torch``
+    (matrix products: torch on CUDA, numpy's BLAS on the CPU), ``faiss``, ``kdtree``; they
+    differ in the nearest-centroid search only. ``max_cache_bytes``: see the
+    module notes; ``pool_bytes``: memory for the k-means++ candidate pool (pool x n float32;
+    default 512 MiB on the CPU, a quarter of the free memory of a CUDA device).
+    """
+    backend, dev = _resolve(backend, device)
+    points = _Points(x, metric=metric, device=dev, chunk_size=chunk_size, max_cache_bytes=max_cache_bytes)
+    result, _ = _kmeans(
+        points,
+        int(k),
+        rng=np.random.default_rng(seed),
+        max_iters=max_iters,
+        tol=tol,
+        backend=backend,
+        pool_bytes=pool_bytes,
+        progress=progress,
+    )
+    return result
+
+
+def assign(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    *,
+    metric: str = "cosine",
+    chunk_size: int = 65536,
+    backend: str = "auto",
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each row of ``x``: (assignment int64, distance float32)."""
+    backend, dev = _resolve(backend, device)
+    points = _Points(x, metric=metric, device=dev, chunk_size=chunk_size, max_cache_bytes=0)
+    centres = np.asarray(centroids)
+    if centres.ndim != 2 or centres.shape[1] != points.d or len(centres) == 0:
+        raise ValueError(f"centroids must be (k, {points.d}), got shape {centres.shape}")
+    prepared = _Points(centres, metric=metric, device=dev, chunk_size=len(centres)).rows(
+        np.arange(len(centres))
+    )
+    searcher = _Searcher(prepared, metric, backend, points.ops)
+    assignment, distances, _, _ = _full_pass(points, searcher, len(centres), want_sums=False)
+    return assignment, distances
+
+
+# ----------------------------------------------------------------------------- hierarchy
+
+
+def closest_per_cluster(assignment: np.ndarray, distances: np.ndarray, r: int) -> np.ndarray:
+    """Sorted indices of the ``r`` members closest to their centroid in every cluster (ties by index)."""
+    order = np.lexsort((np.arange(len(assignment)), distances, assignment))
+    labels = assignment[order]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return np.sort(order[rank < r])
+
+
+def _signature(x: np.ndarray, levels: Sequence[Level], upto: int, params: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "version": _CHECKPOINT_VERSION,
+            "n": int(x.shape[0]),
+            "d": int(x.shape[1]),
+            "levels": [[lv.n_clusters, lv.n_samples] for lv in levels[:upto]],
+            "params": params,
+            "fingerprint": _fingerprint(x),
+        },
+        sort_keys=True,
+    )
+
+
+def _save_level(path: Path, level: LevelResult, signature: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:  # a handle: np.savez would append ".npz" to a name
+        np.savez(
+            handle,
+            centroids=level.centroids,
+            assignment=level.assignment,
+            sizes=level.sizes,
+            distances=level.distances,
+            stats=np.array(json.dumps(level.stats)),
+            signature=np.array(signature),
+        )
+    temporary.replace(path)  # a crash never leaves a half-written level under the real name
+
+
+def _load_level(path: Path, signature: str) -> LevelResult | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["signature"]) != signature:
+                return None
+            return LevelResult(
+                centroids=saved["centroids"],
+                assignment=saved["assignment"],
+                sizes=saved["sizes"],
+                distances=saved["distances"],
+                stats={**json.loads(str(saved["stats"])), "from_checkpoint": True},
+            )
+    except (OSError, ValueError, KeyError):  # unreadable or foreign file: recompute the level
+        return None
+
+
+def _validate_levels(levels: Sequence[Level], n: int, n_resamples: int) -> None:
+    if not levels:
+        raise ValueError("levels is empty: give at least one Level(n_clusters, n_samples)")
+    previous = n
+    for t, level in enumerate(levels, 1):
+        if level.n_clusters < 1 or level.n_samples < 0:
+            raise ValueError(f"level {t}: n_clusters must be >= 1 and n_samples >= 0, got {level}")
+        if level.n_clusters > previous:
+            what = "points" if t == 1 else f"level {t - 1} clusters"
+            raise ValueError(f"level {t}: {level.n_clusters} clusters but only {previous} {what} to cluster")
+        previous = level.n_clusters
+    if n_resamples < 0:
+        raise ValueError(f"n_resamples must be >= 0, got {n_resamples}")
+
+
+def _cluster_level(
+    inputs: _Points,
+    level: Level,
+    *,
+    t: int,
+    seed: int,
+    n_resamples: int,
+    options: dict[str, Any],
+    progress: Progress | None,
+    tag: str,
+) -> LevelResult:
+    k = level.n_clusters
+    started = time.perf_counter()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, t, 0]))
+    result, centroids = _kmeans(inputs, k, rng=rng, progress=progress, tag=tag, **options)
+    stats: dict[str, Any] = {
+        "init_s": result.timings["init_s"],
+        "lloyd_s": result.timings["lloyd_s"],
+        "assign_s": result.timings["assign_s"],
+        "iterations": result.iterations,
+        "inertia_first": result.inertia,
+    }
+    assignment, distances = result.assignment, result.distances
+    resample_s = time.perf_counter()
+    done = 0
+    for round_ in range(1, n_resamples + 1 if level.n_samples > 0 else 1):
+        chosen = closest_per_cluster(assignment, distances, level.n_samples)
+        if len(chosen) < k:  # empty clusters left too few rows for k clusters
+            stats["resample_stopped"] = f"round {round_}: {len(chosen)} rows for {k} clusters"
+            if progress is not None:
+                progress(f"{tag}resampling stopped: {stats['resample_stopped']}")
+            break
+        subset = _Points.of_prepared(inputs.rows(chosen), inputs.metric, inputs.device, inputs.chunk_size)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, t, round_]))
+        sub_tag = f"{tag}resample {round_}/{n_resamples} ({len(chosen)} rows) "
+        _, centroids = _kmeans(subset, k, rng=rng, progress=progress, tag=sub_tag, **options)
+        searcher = _Searcher(centroids, inputs.metric, options["backend"], inputs.ops)
+        assignment, distances, _, _ = _full_pass(inputs, searcher, k, want_sums=False)
+        done = round_
+    stats.update(
+        resamples=done,
+        resample_s=time.perf_counter() - resample_s,
+        seconds=time.perf_counter() - started,
+        inertia=float(distances.sum(dtype=np.float64)),
+    )
+    return LevelResult(
+        centroids=np.array(inputs.ops.get(centroids), dtype=np.float32),
+        assignment=assignment,
+        sizes=np.bincount(assignment, minlength=k).astype(np.int64),
+        distances=distances,
+        stats=stats,
+    )
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    levels: Sequence[Level],
+    *,
+    n_resamples: int = 10,
+    max_iters: int = 50,
+    tol: float = 1e-4,
+    metric: str = "cosine",
+    seed: int = 0,
+    chunk_size: int = 65536,
+    backend: str = "auto",
+    device: str = "cpu",
+    checkpoint_dir: Path | None = None,
+    progress: Progress | None = None,
+    max_cache_bytes: int | None = None,
+    pool_bytes: int | None = None,
+) -> Hierarchy:
+    """Bottom-up hierarchical k-means with resampling (Vo et al. 2024) of the rows of ``x``.
+
+    With ``checkpoint_dir`` each finished level is saved as ``level_<t>.npz`` together with a
+    signature (shape, levels up to t, parameters, seed, a fingerprint of ``x``); a later call
+    with the same signature loads finished levels instead of recomputing them. The chunk
+    size and backend are not part of the signature (they change float rounding only).
+    """
+    levels = [lv if isinstance(lv, Level) else Level(*lv) for lv in levels]
+    backend, dev = _resolve(backend, device)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not hasattr(x, "shape") or len(x.shape) != 2:
+        raise ValueError(f"x must be a 2-D array (n, d), got shape {getattr(x, 'shape', None)}")
+    _validate_levels(levels, int(x.shape[0]), n_resamples)
+    params = {"n_resamples": n_resamples, "max_iters": max_iters, "tol": tol, "metric": metric, "seed": seed}
+    options = {"max_iters": max_iters, "tol": tol, "backend": backend, "pool_bytes": pool_bytes}
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    done: list[LevelResult] = []
+    inputs: _Points | None = None
+    for t, level in enumerate(levels, 1):
+        tag = f"level {t}/{len(levels)} k={level.n_clusters}: "
+        signature = _signature(x, levels, t, params) if folder is not None else ""
+        path = folder / f"level_{t}.npz" if folder is not None else None
+        loaded = _load_level(path, signature) if path is not None else None
+        if loaded is not None:
+            done.append(loaded)
+            inputs = None  # rebuilt from the loaded centroids if a later level needs them
+            if progress is not None:
+                progress(f"{tag}loaded from checkpoint {path}")
+            continue
+        if inputs is None:
+            if t == 1:
+                inputs = _Points(
+                    x, metric=metric, device=dev, chunk_size=chunk_size, max_cache_bytes=max_cache_bytes
+                )
+            else:
+                inputs = _Points.of_prepared(_Ops(dev).put(done[-1].centroids), metric, dev, chunk_size)
+        if progress is not None:
+            progress(f"{tag}clustering {inputs.n} inputs")
+        result = _cluster_level(
+            inputs,
+            level,
+            t=t,
+            seed=seed,
+            n_resamples=n_resamples,
+            options=options,
+            progress=progress,
+            tag=tag,
+        )
+        done.append(result)
+        if path is not None:
+            _save_level(path, result, signature)
+        if progress is not None:
+            progress(f"{tag}done in {result.stats['seconds']:.1f} s" + (" (saved)" if path else ""))
+        inputs = _Points.of_prepared(_Ops(dev).put(result.centroids), metric, dev, chunk_size)
+    return Hierarchy(levels=done, metric=metric)
