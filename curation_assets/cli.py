@@ -268,8 +268,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from curation_assets.assets.outputs.decisions import DECISIONS
-    from curation_assets.assets.outputs.report import REPORT
+    from curation_assets.assets.keys import DECISIONS, REPORT
 
     project = _project(args.project)
     if not project.report.enabled:

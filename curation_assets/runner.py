@@ -18,26 +18,32 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.dedup.exact_duplicates import EXACT
-from curation_assets.assets.dedup.near_dedup import GROUPS
 from curation_assets.assets.embed.embeddings import embedding_models, input_signature
-from curation_assets.assets.filters.aesthetic import AESTHETIC, aesthetic_signature
+from curation_assets.assets.filters.aesthetic import aesthetic_signature
 from curation_assets.assets.filters.example_filters import (
-    EXAMPLE_DISTANCES,
     distances_signature,
     example_set,
     examples_signature,
 )
-from curation_assets.assets.filters.quality import QUALITY, quality_signature
-from curation_assets.assets.filters.rotation import ROTATION, rotation_signature
+from curation_assets.assets.filters.quality import quality_signature
+from curation_assets.assets.filters.rotation import rotation_signature
 from curation_assets.assets.ingest.discovery import (
     partitions_name,
     pending_shards,
     recorded_fingerprint,
     retire_removed_shards,
 )
-from curation_assets.assets.ingest.sanitize import SANITIZED
-from curation_assets.assets.labeled.labeled import PHASHES, perceptual_enabled, phash_signature
+from curation_assets.assets.keys import (
+    AESTHETIC,
+    EXACT,
+    EXAMPLE_DISTANCES,
+    GROUPS,
+    PHASHES,
+    QUALITY,
+    ROTATION,
+    SANITIZED,
+)
+from curation_assets.assets.labeled.labeled import perceptual_enabled, phash_signature
 from curation_assets.assets.project import (
     build_project_definitions,
     global_job_name,

@@ -23,9 +23,8 @@ import psutil
 import pytest
 import yaml
 
-from curation_assets.assets.filters.quality import QUALITY
 from curation_assets.assets.ingest.discovery import partitions_name
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import QUALITY, SANITIZED
 from curation_assets.assets.outputs.apply import apply_job_name, restore_job_name
 from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.assets.outputs.export import export_root

@@ -74,8 +74,13 @@ def map_chunks(
     failed_row: Callable[[Item, BaseException], Row],
     died_row: Callable[[Item, BaseException], Row],
     progress: Progress | None = None,
+    sink: Callable[[int, list[Row]], None] | None = None,
 ) -> list[Row]:
     """``worker(chunk, *args)`` over ``items`` in chunks of ``chunk_size``; one row per item, in item order.
+
+    With ``sink``, rows are not kept: ``sink(index of the chunk's first item, rows)`` takes each
+    chunk as it finishes (in any order), in this process, while the workers go on with the
+    next chunks (the shard pass runs its models there); the call then returns an empty list.
 
     ``worker`` takes a tuple of items and returns one row per item; it is a module-level
     function (forkserver and spawn workers import it by name) whose items and arguments
@@ -92,7 +97,7 @@ def map_chunks(
     stopped).
     """
     chunks = _split_chunks(items, chunk_size)
-    collected = _OrderedRows(len(items), progress)
+    collected = _OrderedRows(len(items), progress, sink)
     workers = min(int(workers), len(chunks))
     if workers <= 1 or multiprocessing.current_process().daemon:
         for chunk in chunks:
@@ -101,7 +106,7 @@ def map_chunks(
             except Exception as exc:  # the same rows a pooled task that raises gets
                 chunk_rows = [failed_row(item, exc) for item in chunk[1]]
             collected.add(chunk, chunk_rows)
-        return collected.rows
+        return collected.rows if sink is None else []
     _preload_in_forkserver(worker)
     pending = deque(chunks)
     in_flight = workers * max(1, int(in_flight_per_worker))
@@ -109,7 +114,7 @@ def map_chunks(
         lost = _run_round(pending, worker, args, workers, in_flight, collected, failed_row)
         if lost:
             _isolate(lost, worker, args, collected, failed_row, died_row)
-    return collected.rows
+    return collected.rows if sink is None else []
 
 
 def _preload_in_forkserver(worker: Callable[..., Any]) -> None:
@@ -130,18 +135,22 @@ def _split_chunks(items: Sequence[Any], chunk_size: int) -> list[_Chunk]:
 
 
 class _OrderedRows:
-    """Collects chunk rows in item order as chunks finish (in any order), reporting progress."""
+    """Collects chunk rows in item order as chunks finish (in any order), reporting progress;
+    or hands each chunk's rows to a sink instead of keeping them."""
 
-    def __init__(self, total: int, progress: Progress | None):
-        self.rows: list[Any] = [None] * total
-        self.total, self.done, self.progress = total, 0, progress
+    def __init__(self, total: int, progress: Progress | None, sink: Callable[[int, list[Any]], None] | None):
+        self.rows: list[Any] = [None] * total if sink is None else []
+        self.total, self.done, self.progress, self.sink = total, 0, progress, sink
         self.started = time.perf_counter()
 
     def add(self, chunk: _Chunk, chunk_rows: list[Any]) -> None:
         start, part = chunk
         if len(chunk_rows) != len(part):  # a worker bug would otherwise shift every later row
             raise ValueError(f"the worker returned {len(chunk_rows)} rows for {len(part)} items")
-        self.rows[start : start + len(part)] = chunk_rows
+        if self.sink is None:
+            self.rows[start : start + len(part)] = chunk_rows
+        else:
+            self.sink(start, chunk_rows)
         self.done += len(part)
         if self.progress is not None:
             elapsed = max(time.perf_counter() - self.started, 1e-9)

@@ -5,13 +5,11 @@ import polars as pl
 
 from curation_assets.assets.common import CHECK_ONE_KEEPER, asset_key, group_name, md_table, one_keeper_check
 from curation_assets.assets.ingest.discovery import partitions_name
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import EXACT, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.dedup.exact import find_exact_duplicates, summarize
 from curation_assets.core.dedup.keepers import KEEPER_EXPLANATION
 from curation_assets.resources.store import ProjectStore, StoreResource
-
-EXACT = "exact_duplicates"
 
 
 def processed_shards(

@@ -35,8 +35,7 @@ from curation_assets.assets.common import (
     plot_md,
 )
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
-from curation_assets.assets.embed.embeddings import COPY_EMBEDDINGS
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import COPY_EMBEDDINGS, GROUPS, INDEX, PAIRS, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed.vectors import assert_compatible
 from curation_assets.resources.compute import ComputeResource
@@ -45,9 +44,6 @@ from curation_assets.resources.store import VECTORS_FILE, ProjectStore, StoreRes
 # core.index (faiss), core.grouping (scipy) and core.plots (matplotlib) are imported inside the
 # functions that use them, so that loading the Definitions stays cheap (issue 12).
 
-INDEX = "lsh_index"
-PAIRS = "duplicate_pairs"
-GROUPS = "duplicate_groups"
 MANIFEST = "manifest.json"
 MEAN = "mean.npy"
 MEAN_IDENTITY = "mean.json"

@@ -14,16 +14,13 @@ import polars as pl
 import xxhash
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import COPY_EMBEDDINGS, INVENTORY, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.config import ModelEntry, ProjectConfig
 from curation_assets.core.ingest.images import ImageRef
 from curation_assets.core.outputs.reasons import Status
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-COPY_EMBEDDINGS = "sscd_embeddings"
-SEMANTIC_EMBEDDINGS = "semantic_embeddings"
 CHECK_ONE_VECTOR = "one_vector_per_kept_image"
 CHECK_FINITE = "vectors_are_finite"
 CHECK_NORMS = "norms_as_expected"

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS, model_stamp
+from curation_assets.assets.embed.embeddings import model_stamp
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
     kept_refs,
@@ -22,7 +22,7 @@ from curation_assets.assets.filters.shard_scores import (
     skip_or_compute,
     vectors_signature,
 )
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import AESTHETIC, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.config import ProjectConfig
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from curation_assets.core.embed.embed import ComputeSettings
     from curation_assets.core.embed.models import LoadedModel
 
-AESTHETIC = "aesthetic_scores"
 CHECK_SCORED = "every_kept_image_has_an_aesthetic_score"
 SCORE_BATCH = 4096
 

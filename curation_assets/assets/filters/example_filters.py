@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model, md_table
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS, model_stamp
+from curation_assets.assets.embed.embeddings import model_stamp
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
     kept_refs,
@@ -28,6 +28,7 @@ from curation_assets.assets.filters.shard_scores import (
     skip_or_compute,
     vectors_signature,
 )
+from curation_assets.assets.keys import EXAMPLE_DISTANCES, EXAMPLE_EMBEDDINGS, SEMANTIC_EMBEDDINGS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.filters.examples import (
     ExamplesError,
@@ -46,8 +47,6 @@ from curation_assets.resources.store import ProjectStore, StoreResource
 if TYPE_CHECKING:
     from curation_assets.core.embed.embed import ComputeSettings
 
-EXAMPLE_EMBEDDINGS = "example_embeddings"
-EXAMPLE_DISTANCES = "example_distances"
 EXAMPLES_SHARD = "examples"  # the one "shard" of the global example table
 CHECK_DISTANCES = "every_kept_image_has_a_distance_per_category"
 

@@ -16,13 +16,19 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
-from curation_assets.assets.dedup.exact_duplicates import EXACT, processed_shards
-from curation_assets.assets.dedup.near_dedup import GROUPS
-from curation_assets.assets.filters.aesthetic import AESTHETIC
-from curation_assets.assets.filters.example_filters import EXAMPLE_DISTANCES, distance_column
-from curation_assets.assets.filters.quality import QUALITY
-from curation_assets.assets.filters.rotation import PROBABILITY_COLUMNS, ROTATION
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.dedup.exact_duplicates import processed_shards
+from curation_assets.assets.filters.example_filters import distance_column
+from curation_assets.assets.filters.rotation import PROBABILITY_COLUMNS
+from curation_assets.assets.keys import (
+    AESTHETIC,
+    EXACT,
+    EXAMPLE_DISTANCES,
+    FILTER_DECISIONS,
+    GROUPS,
+    QUALITY,
+    ROTATION,
+    SANITIZED,
+)
 from curation_assets.config import ProjectConfig
 from curation_assets.core.filters.rotation import rotation_decisions
 from curation_assets.core.filters.rules import FilterRule, decide, percentile_table, summarize
@@ -33,7 +39,6 @@ from curation_assets.resources.store import ProjectStore, StoreResource
 # them: every decision-side module imports this one, and loading the Definitions must stay
 # cheap (issue 12).
 
-FILTER_DECISIONS = "filter_decisions"
 CHECK_ONE_ROW = "one_row_per_kept_image"
 
 

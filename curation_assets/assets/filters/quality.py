@@ -17,14 +17,13 @@ from curation_assets.assets.filters.shard_scores import (
     signature_of,
     skip_or_compute,
 )
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import QUALITY, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 # core.quality imports scipy: it is imported inside the functions that use it, so that loading
 # the Definitions stays cheap (issue 12).
 
-QUALITY = "quality_scores"
 CHECK_SCORED = "every_kept_image_has_a_quality_score"
 SCORE_COLUMNS = ["blur", "brightness_p99", "brightness_p5", "entropy", "colorfulness"]
 

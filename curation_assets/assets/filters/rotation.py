@@ -20,13 +20,12 @@ from curation_assets.assets.filters.shard_scores import (
     signature_of,
     skip_or_compute,
 )
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import ROTATION, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.filters.rotation import ANGLES
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-ROTATION = "rotation_predictions"
 CHECK_PREDICTED = "every_kept_image_has_a_rotation_prediction"
 PROBABILITY_COLUMNS = [f"p{angle}" for angle in ANGLES]
 

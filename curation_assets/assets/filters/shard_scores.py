@@ -14,8 +14,8 @@ import numpy as np
 import polars as pl
 import xxhash
 
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS, kept_images
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.embed.embeddings import kept_images
+from curation_assets.assets.keys import SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.core.ingest.images import ImageRef
 from curation_assets.resources.store import ProjectStore
 

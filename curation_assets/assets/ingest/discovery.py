@@ -12,13 +12,12 @@ from typing import Any
 
 import dagster as dg
 
+from curation_assets.assets.keys import INVENTORY, MANIFESTS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.ingest.retirement import RetirementBatch, ShardToRetire, retire_shards, retired_root
 from curation_assets.core.ingest.shards import Discovery, Shard, discover_shards, shard_for_key
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-MANIFESTS = "shard_manifests"  # chunk membership, frozen when a chunk is created
-INVENTORY = "image_inventory"
 FINGERPRINT_KEY = "fingerprint"  # parquet metadata the inventory records for its shard
 AssetJob = Any  # what dg.define_asset_job returns (its class is not exported)
 RETIRE_REASON = "its shard folder or tar is no longer under the dataset roots"

@@ -4,7 +4,8 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
-from curation_assets.assets.ingest.discovery import FINGERPRINT_KEY, INVENTORY, resolve_shard
+from curation_assets.assets.ingest.discovery import FINGERPRINT_KEY, resolve_shard
+from curation_assets.assets.keys import INVENTORY
 from curation_assets.config import ProjectConfig
 from curation_assets.core.ingest.inventory import build_inventory
 from curation_assets.core.ingest.shards import list_shard_files

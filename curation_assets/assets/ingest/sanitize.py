@@ -4,14 +4,13 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
-from curation_assets.assets.ingest.discovery import INVENTORY
 from curation_assets.assets.ingest.inventory import read_inventory
+from curation_assets.assets.keys import INVENTORY, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.ingest.sanitize import SanitizeItem, rejected_row, sanitize_items
 from curation_assets.core.outputs.reasons import Reason, Status
 from curation_assets.resources.store import StoreResource
 
-SANITIZED = "sanitized_images"
 CHECK_ROWS_MATCH = "one_row_per_inventoried_file"
 CHECK_REJECTS_EXPLAINED = "every_rejection_has_a_reason"
 

@@ -22,15 +22,13 @@ import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, load_project_model, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import CLASS_SUBSETS, INVENTORY, SANITIZED
 from curation_assets.assets.labeled.labeled_data import all_images, kept, with_labels
 from curation_assets.config import ProjectConfig, SubsetSpec
 from curation_assets.core.select import subsets as subset_core
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-CLASS_SUBSETS = "class_subsets"
 CHECK_SIZES = "subset_sizes_as_specified"
 SUBSET_COLUMNS = ["image_id", "split", "label", "caption", "source_path", "offset", "size_bytes"]
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a subset name becomes a file name

@@ -17,14 +17,21 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
-from curation_assets.assets.dedup.exact_duplicates import EXACT, processed_shards
-from curation_assets.assets.dedup.near_dedup import GROUPS
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS
-from curation_assets.assets.filters.filter_decisions import FILTER_DECISIONS, filter_rules, score_assets
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.dedup.exact_duplicates import processed_shards
+from curation_assets.assets.filters.filter_decisions import filter_rules, score_assets
+from curation_assets.assets.keys import (
+    CLEANING,
+    EXACT,
+    FILTER_DECISIONS,
+    GROUPS,
+    INVENTORY,
+    LABEL_ISSUES,
+    LEAKS,
+    REVIEW,
+    SANITIZED,
+    SEMANTIC_EMBEDDINGS,
+)
 from curation_assets.assets.labeled.labeled_data import all_images, kept, semantic_matrix, with_labels
-from curation_assets.assets.labeled.leaks import LEAKS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.labeled import labels as label_core
 from curation_assets.core.labeled.cleaning import cleaning_outputs as write_cleaning_outputs
@@ -39,9 +46,6 @@ from curation_assets.core.outputs.reasons import Reason
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-LABEL_ISSUES = "label_issues"
-REVIEW = "review_manifest"
-CLEANING = "cleaning_outputs"
 REVIEW_PAGE = "review.html"
 CHECK_ONE_ROW = "one_row_per_image"
 CHECK_KNOWN_TAGS = "tags_in_the_taxonomy"

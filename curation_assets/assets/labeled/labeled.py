@@ -8,18 +8,14 @@ leaks.py, label_review.py and class_subsets.py.
 
 import dagster as dg
 
-from curation_assets.assets.labeled.class_subsets import CLASS_SUBSETS, build_class_subsets_asset
+from curation_assets.assets.keys import CLASS_SUBSETS, CLEANING, LABEL_ISSUES, LEAKS, PHASHES, REVIEW
+from curation_assets.assets.labeled.class_subsets import build_class_subsets_asset
 from curation_assets.assets.labeled.label_review import (
-    CLEANING,
-    LABEL_ISSUES,
-    REVIEW,
     build_cleaning_asset,
     build_label_issues_asset,
     build_review_asset,
 )
 from curation_assets.assets.labeled.leaks import (
-    LEAKS,
-    PHASHES,
     build_leaks_asset,
     build_phash_asset,
     perceptual_enabled,

@@ -12,9 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import INVENTORY, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
 from curation_assets.core.labeled.labels import labels_from_layout, match_labels, read_labels_file

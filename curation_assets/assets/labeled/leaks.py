@@ -13,7 +13,6 @@ import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
     kept_refs,
@@ -21,16 +20,13 @@ from curation_assets.assets.filters.shard_scores import (
     signature_of,
     skip_or_compute,
 )
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.keys import INVENTORY, LEAKS, PHASHES, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.assets.labeled.labeled_data import all_images, kept, semantic_matrix
 from curation_assets.config import ProjectConfig
 from curation_assets.core.pool import usable_cores
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-PHASHES = "perceptual_hashes"
-LEAKS = "train_test_leaks"
 CHECK_HASHED = "every_kept_image_has_a_perceptual_hash"
 CHECK_CONSISTENT = "leaks_cross_splits_within_thresholds"
 EXAMPLES_PER_METHOD = 8

@@ -25,7 +25,8 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key
-from curation_assets.assets.outputs.decisions import DECISIONS, decisions_path
+from curation_assets.assets.keys import APPLY_JOURNALS, DECISIONS
+from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.assets.outputs.export import plan_from_decisions
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.apply import (
@@ -41,8 +42,6 @@ from curation_assets.core.outputs.apply import (
 )
 from curation_assets.core.outputs.decisions import KEEP_WITH_FIX
 from curation_assets.resources.store import ProjectStore, StoreResource
-
-APPLY_JOURNALS = "apply_journals"  # the store folder of the registry of applies
 
 
 class ApplyRunConfig(dg.Config):

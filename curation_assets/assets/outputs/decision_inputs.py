@@ -5,11 +5,8 @@ from pathlib import Path
 
 import polars as pl
 
-from curation_assets.assets.dedup.exact_duplicates import EXACT
-from curation_assets.assets.dedup.near_dedup import GROUPS
-from curation_assets.assets.filters.filter_decisions import FILTER_DECISIONS, score_assets
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.filters.filter_decisions import score_assets
+from curation_assets.assets.keys import EXACT, FILTER_DECISIONS, GROUPS, INVENTORY, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.decisions import STAGES, DecisionInputs, build_decisions
 from curation_assets.resources.store import ProjectStore

@@ -10,11 +10,17 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, md_table
-from curation_assets.assets.dedup.exact_duplicates import EXACT, processed_shards
-from curation_assets.assets.dedup.near_dedup import GROUPS
-from curation_assets.assets.filters.filter_decisions import FILTER_DECISIONS, score_assets
-from curation_assets.assets.ingest.discovery import INVENTORY
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.dedup.exact_duplicates import processed_shards
+from curation_assets.assets.filters.filter_decisions import score_assets
+from curation_assets.assets.keys import (
+    DECISIONS,
+    EXACT,
+    FILTER_DECISIONS,
+    GROUPS,
+    INVENTORY,
+    SAMPLE,
+    SANITIZED,
+)
 from curation_assets.assets.outputs.decision_inputs import MissingInputError, decisions_for, project_stages
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.decisions import (
@@ -28,8 +34,6 @@ from curation_assets.core.outputs.decisions import (
 from curation_assets.core.outputs.reasons import Status
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-DECISIONS = "curation_decisions"
-SAMPLE = "curated_sample"  # written by the clustering module; read here by path
 CHECK_ONE_ROW = "one_row_per_inventoried_file"
 CHECK_KEPT_VALID = "every_kept_image_is_valid"
 CHECK_SAMPLE_KEPT = "kept_count_equals_the_sample"

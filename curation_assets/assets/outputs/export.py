@@ -14,13 +14,13 @@ import dagster as dg
 import polars as pl
 
 from curation_assets.assets.common import RateLogger, asset_key, group_name
-from curation_assets.assets.outputs.decisions import DECISIONS, decisions_path
+from curation_assets.assets.keys import DECISIONS, EXPORT
+from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.decisions import REMOVE
 from curation_assets.core.outputs.export import export_tree, export_webdataset, write_manifest
 from curation_assets.resources.store import ProjectStore, StoreResource
 
-EXPORT = "curated_dataset"
 CHECK_MANIFEST = "manifest_equals_kept_set"
 CHECK_EXPORTED = "every_kept_image_exported"
 PLAN_COLUMNS = ["image_id", "split", "source_path", "offset", "size_bytes", "content_hash", "rel_path"]

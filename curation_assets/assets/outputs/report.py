@@ -16,12 +16,10 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, plot_md
-from curation_assets.assets.dedup.near_dedup import GROUPS, PAIRS
 from curation_assets.assets.filters.filter_decisions import filter_rules
-from curation_assets.assets.ingest.discovery import INVENTORY
+from curation_assets.assets.keys import CLUSTERS, DECISIONS, GROUPS, INVENTORY, PAIRS, REPORT, SAMPLE
 from curation_assets.assets.outputs.decision_inputs import project_stages
-from curation_assets.assets.outputs.decisions import DECISIONS, SAMPLE, decisions_path
-from curation_assets.assets.select.clustering import CLUSTERS
+from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.config import ProjectConfig
 from curation_assets.core.ingest.retirement import load_batches, retired_root, retired_totals
 from curation_assets.core.outputs.decisions import decision_funnel
@@ -38,8 +36,6 @@ from curation_assets.core.outputs.report import (
     select_threshold_examples,
 )
 from curation_assets.resources.store import ProjectStore, StoreResource
-
-REPORT = "curation_report"
 
 
 def report_dir(store: ProjectStore) -> Path:

@@ -18,13 +18,18 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
-from curation_assets.assets.dedup.exact_duplicates import EXACT, processed_shards
-from curation_assets.assets.dedup.near_dedup import GROUPS
-from curation_assets.assets.embed.embeddings import SEMANTIC_EMBEDDINGS
-from curation_assets.assets.filters.filter_decisions import FILTER_DECISIONS, score_assets
-from curation_assets.assets.ingest.sanitize import SANITIZED
+from curation_assets.assets.dedup.exact_duplicates import processed_shards
+from curation_assets.assets.filters.filter_decisions import score_assets
+from curation_assets.assets.keys import (
+    CLUSTERS,
+    EXACT,
+    FILTER_DECISIONS,
+    GROUPS,
+    SAMPLE,
+    SANITIZED,
+    SEMANTIC_EMBEDDINGS,
+)
 from curation_assets.assets.outputs.decision_inputs import MissingInputError, decisions_for
-from curation_assets.assets.outputs.decisions import SAMPLE
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
 from curation_assets.core.outputs.decisions import survivors
@@ -37,7 +42,6 @@ from curation_assets.resources.store import ProjectStore, StoreResource
 if TYPE_CHECKING:
     from curation_assets.core.select.kmeans import Hierarchy, Level
 
-CLUSTERS = "hierarchical_clusters"
 VECTORS_FILE = "vectors.f16.npy"
 CHECK_BUDGET = "sample_size_equals_budget"
 CHECK_UNIQUE = "no_duplicate_ids_unless_multiplier"

@@ -154,10 +154,18 @@ def score_ref(ref: ImageRef) -> dict[str, Any]:
     try:
         data = read_bytes(ref.source_path, ref.offset, ref.size)
         image = load_rgb(data, draft_size=draft_size(ref.width, ref.height))
-        scores = quality_metrics(image)
     except Exception as exc:  # a file changed or broke since sanitize: recorded, not fatal
         return _empty_row(ref.image_id, describe_error(exc))
-    row: dict[str, Any] = {"image_id": ref.image_id}
+    return score_image(ref.image_id, image)
+
+
+def score_image(image_id: str, image: Image.Image) -> dict[str, Any]:
+    """One row of :data:`QUALITY_COLUMNS` for a decoded upright image (or its working image)."""
+    try:
+        scores = quality_metrics(image)
+    except Exception as exc:  # an exotic image must not stop a shard: recorded, not fatal
+        return _empty_row(image_id, describe_error(exc))
+    row: dict[str, Any] = {"image_id": image_id}
     for name in SCORE_NAMES:
         value = scores[name]
         row[name] = value if np.isfinite(value) else None
@@ -210,6 +218,11 @@ def score_images(
         died_row=_died_row,
         progress=progress,
     )
+    return scores_frame(rows)
+
+
+def scores_frame(rows: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """Rows of :func:`score_image` as the stored :data:`QUALITY_COLUMNS` table."""
     return pl.DataFrame(rows, schema=QUALITY_COLUMNS)
 
 

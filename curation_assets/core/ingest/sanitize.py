@@ -48,7 +48,15 @@ from curation_assets.core.ingest.images import (
     normalize_image,
     read_bytes,
 )
-from curation_assets.core.outputs.reasons import ALWAYS_REJECT, FIX_ORDER, Fix, Reason, Severity, status_of
+from curation_assets.core.outputs.reasons import (
+    ALWAYS_REJECT,
+    FIX_ORDER,
+    Fix,
+    Reason,
+    Severity,
+    Status,
+    status_of,
+)
 from curation_assets.core.pool import map_chunks, usable_cores
 
 if TYPE_CHECKING:
@@ -111,7 +119,7 @@ class _Rules:
     allowed_real: frozenset[str] = field(default=frozenset())
 
 
-def _plain_rules(rules: SanitizeStage | _Rules) -> _Rules:
+def plain_rules(rules: SanitizeStage | _Rules) -> _Rules:
     if isinstance(rules, _Rules):
         return rules
     return _Rules(
@@ -502,8 +510,18 @@ def pixel_hash(im: Image.Image, orientation: int | None) -> str:
     of ``normalize_image(im).tobytes()`` followed by ``b"<width>x<height>"``. An image
     that is already upright single-frame RGB is hashed without a conversion.
     """
+    return hash_pixels(upright_rgb(im, orientation))
+
+
+def upright_rgb(im: Image.Image, orientation: int | None) -> Image.Image:
+    """The decoded ``im`` as upright 8-bit RGB: ``im`` itself when it already is."""
     rgb = normalize_image(im) if needs_normalizing(im, orientation) else im
     rgb.load()
+    return rgb
+
+
+def hash_pixels(rgb: Image.Image) -> str:
+    """The pixel hash of an already upright 8-bit RGB image (see :func:`pixel_hash`)."""
     try:
         digest = _streamed_digest(rgb)
     except Exception:  # this Pillow's encoder API differs: hash the joined bytes instead
@@ -569,33 +587,54 @@ def _row(subject: Subject, findings: list[Finding], hashed: str | None) -> dict[
     }
 
 
-def check_image(data: bytes, name: str, rules: SanitizeStage) -> dict[str, Any]:
+def check_image(data: bytes, name: str, rules: SanitizeStage | _Rules) -> dict[str, Any]:
     """One row of the sanitize table for a file's bytes (see :data:`ROW_COLUMNS`).
 
     ``name`` is the file or tar-member name; only its extension is used. Never raises:
     an unexpected failure becomes ``decode_error`` with the exception in ``detail``.
     """
-    plain = _plain_rules(rules)
+    row, image = inspect_image(data, name, rules)
+    if image is not None:
+        image.close()
+    return row
+
+
+def inspect_image(
+    data: bytes, name: str, rules: SanitizeStage | _Rules
+) -> tuple[dict[str, Any], Image.Image | None]:
+    """:func:`check_image`'s row, and the decoded picture as upright 8-bit RGB when it is kept.
+
+    The one full decode the checks make is what every later use of the image reads (the
+    shard pass hashes, scores and resizes it for each model), so no stage decodes again.
+    The image is None for a rejected file; the caller closes it.
+    """
+    plain = plain_rules(rules)
     subject = Subject(data=data, name=name, ext=extension_of(name))
     findings: list[Finding] = []
     hashed = None
+    rgb: Image.Image | None = None
     try:
         for phase in PHASES:
             for unit in _checks_in(phase):
                 found = unit.run(subject, plain)
                 findings.extend(found)
                 if unit.gate and any(f.severity == Severity.REJECT for f in found):
-                    return _row(subject, findings, None)
+                    return _row(subject, findings, None), None
         if subject.decoded:
             assert subject.im is not None
-            hashed = pixel_hash(subject.im, subject.orientation)
+            rgb = upright_rgb(subject.im, subject.orientation)
+            hashed = hash_pixels(rgb)
     except Exception as exc:  # a bug or an exotic file must not stop a shard
         findings.append(_reject(Reason.DECODE_ERROR, f"unexpected: {describe_error(exc)}"))
-        hashed = None
+        hashed, rgb = None, None
     finally:
-        if subject.im is not None:
+        if subject.im is not None and subject.im is not rgb:
             subject.im.close()
-    return _row(subject, findings, hashed)
+    row = _row(subject, findings, hashed)
+    if rgb is not None and row["status"] == str(Status.REJECTED):
+        rgb.close()
+        rgb = None
+    return row, rgb
 
 
 def rejected_row(reason: Reason, detail: str | None = None, file_size: int = 0) -> dict[str, Any]:
@@ -684,7 +723,7 @@ def sanitize_items(
     return map_chunks(
         items,
         _check_chunk,
-        (_plain_rules(rules),),
+        (plain_rules(rules),),
         workers=int(getattr(rules, "workers", 0)) or usable_cores(),
         chunk_size=getattr(rules, "chunk_size", 16),
         in_flight_per_worker=getattr(rules, "max_in_flight", 4),

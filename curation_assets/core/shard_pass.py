@@ -1,0 +1,345 @@
+"""One pass per shard: every image read once, decoded once, and fed to every per-shard stage.
+
+Decoding is the floor of every image pass, so the per-shard stages share one. A worker
+process reads a file's bytes, runs the sanitize checks with their one full decode (the
+decode that catches truncation), and from that decoded picture computes what the plan
+asks for: the quality scores and the perceptual hash (both on one small working copy),
+and the input pixels of every model, each resized from the picture by its own
+preprocessing. The main process batches those pixels per model and shape and runs the
+models while the workers decode ahead.
+
+Why the call-scoped pool runner (:func:`~curation_assets.core.pool.map_chunks`) and not a
+DataLoader: a decoder that crashes its process must cost one image (a recorded reason), not
+the shard; the pool runner finds such an image and goes on, which a DataLoader cannot. Its
+in-flight bound is the queue bound, so workers run at most ``workers * in_flight`` chunks
+ahead of the models. Batching by shape, autocast, pinned memory and the out-of-memory
+back-off are those of :class:`~curation_assets.core.embed.embed.BatchRunner`.
+
+When sanitize is not part of a pass (its table is current and only, say, one model
+changed), kept images are decoded with JPEG draft mode at the smallest size the plan
+needs, as the stage-by-stage path did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
+from curation_assets.core.ingest.sanitize import (
+    _Rules,
+    inspect_image,
+    rejected_row,
+    unreadable_row,
+)
+from curation_assets.core.outputs.reasons import Reason, Status
+from curation_assets.core.pool import map_chunks
+
+if TYPE_CHECKING:
+    from curation_assets.core.embed.embed import ComputeSettings
+    from curation_assets.core.embed.preprocess import Preprocessing
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PassItem:
+    """One file of the shard: where its bytes are and, when sanitize is not re-run, its kept size."""
+
+    image_id: str
+    source_path: str
+    offset: int | None = None
+    size: int | None = None
+    name: str = ""  # file or member name, for the extension the sanitize checks read
+    width: int | None = None  # from the stored sanitize table (draft decoding), when not re-sanitized
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What the workers compute per image (it pickles: plain rules, preprocessing dataclasses).
+
+    ``inputs`` are the distinct preprocessings of the models of the pass; two models with one
+    preprocessing share their pixels.
+    """
+
+    sanitize: _Rules | None
+    quality: bool = False
+    phash: bool = False
+    inputs: tuple[Preprocessing, ...] = ()
+
+    def draft_size(self, width: int | None, height: int | None) -> tuple[int, int] | None:
+        """The smallest decode every consumer can still work from (JPEG draft), None: full size."""
+        if self.sanitize is not None or not width or not height:
+            return None  # sanitize needs the full decode: it is what catches truncated data
+        from curation_assets.core.filters.quality import draft_size as quality_draft
+        from curation_assets.core.labeled.phash import DRAFT_SIZE
+
+        sizes = [prep.draft_size(width, height) for prep in self.inputs]
+        if self.quality:
+            sizes.append(quality_draft(width, height) or (width, height))
+        if self.phash:
+            sizes.append(DRAFT_SIZE)
+        if not sizes:
+            return None
+        return max(w for w, _ in sizes), max(h for _, h in sizes)
+
+
+@dataclass(slots=True)
+class ItemOutput:
+    """What a worker sends back for one file."""
+
+    sanitize: dict[str, Any] | None = None  # the sanitize row (None when sanitize is not in the pass)
+    quality: dict[str, Any] | None = None  # a quality row, for kept images
+    phash: tuple[str, int | None, str | None] | None = None  # (image_id, hash, error), for kept images
+    pixels: tuple[np.ndarray, ...] = ()  # per plan input: 3 x H x W uint8, for kept images
+    error: str | None = None  # why a kept image has no pixels (read or decode failed)
+
+
+# ----------------------------------------------------------------------------- the workers
+
+_THREADS_SET = False
+
+
+def _single_threaded_torch() -> None:
+    """Worker processes resize with torch: one thread each, the pool is the parallelism."""
+    global _THREADS_SET
+    if not _THREADS_SET:
+        import torch
+
+        torch.set_num_threads(1)
+        _THREADS_SET = True
+
+
+def _derived(image_id: str, image: Image.Image, plan: PassPlan) -> ItemOutput:
+    """Scores, hash and model inputs of one decoded upright RGB picture."""
+    out = ItemOutput()
+    if plan.quality or plan.phash:
+        from curation_assets.core.filters.quality import score_image, working_image
+        from curation_assets.core.labeled.phash import hash_row
+
+        # One small copy serves both: the hash's 32 px thumbnail comes from it as well as
+        # from the full picture, and resizing a megapixel image twice would cost a decode.
+        work = working_image(image)
+        if plan.quality:
+            out.quality = score_image(image_id, work)
+        if plan.phash:
+            out.phash = hash_row(image_id, work)
+    if plan.inputs:
+        _single_threaded_torch()
+        try:
+            out.pixels = tuple(prep.to_tensor(_reduced(image, prep)).numpy() for prep in plan.inputs)
+        except Exception as exc:  # recorded for this image, never a failed chunk
+            out.error = f"preprocessing: {describe_error(exc)}"
+    return out
+
+
+def _reduced(image: Image.Image, prep: Preprocessing) -> Image.Image:
+    """``image`` shrunk by an integer box factor while still at least the model's draft size.
+
+    What JPEG draft decoding did for each model in the stage-by-stage path: the antialiased
+    resize then starts from a picture a few times its output, not from the full one.
+    """
+    width, height = prep.draft_size(*image.size)
+    factor = min(image.width // max(width, 1), image.height // max(height, 1))
+    factor = 1 << (max(factor, 1).bit_length() - 1)  # a power of two, as JPEG scales are
+    return image.reduce(factor) if factor > 1 else image
+
+
+def _process(item: PassItem, plan: PassPlan) -> ItemOutput:
+    try:
+        data = read_bytes(item.source_path, item.offset, item.size)
+    except Exception as exc:  # OSError mostly; a bad offset gives ValueError
+        if plan.sanitize is not None:
+            return ItemOutput(sanitize=unreadable_row(exc, item.size or 0))
+        return ItemOutput(error=describe_error(exc))
+    if plan.sanitize is None:
+        try:
+            image = load_rgb(data, draft_size=plan.draft_size(item.width, item.height))
+        except Exception as exc:  # the file changed or broke since sanitize: recorded, not fatal
+            return ItemOutput(error=describe_error(exc))
+        row = None
+    else:
+        row, image = inspect_image(data, item.name or item.source_path, plan.sanitize)
+        if image is None:
+            return ItemOutput(sanitize=row)
+    try:
+        out = _derived(item.image_id, image, plan)
+    finally:
+        image.close()
+    out.sanitize = row
+    return out
+
+
+def process_chunk(items: tuple[PassItem, ...], plan: PassPlan) -> list[ItemOutput]:
+    """Worker entry point (module level so that forkserver workers import it by name)."""
+    return [_process(item, plan) for item in items]
+
+
+def _failed(item: PassItem, what: str, exc: BaseException, plan: PassPlan) -> ItemOutput:
+    detail = f"{what} ({describe_error(exc)})"
+    if plan.sanitize is not None:
+        return ItemOutput(sanitize=rejected_row(Reason.DECODE_ERROR, detail, item.size or 0))
+    return ItemOutput(error=detail)
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+@dataclass
+class PassModel:
+    """A model of the pass: its module, which plan input feeds it, and its output rows."""
+
+    name: str
+    module: Any  # torch.nn.Module
+    preprocessing: Preprocessing
+    dim: int
+    dtype: Any = np.float16  # rotation probabilities keep float32 for exact threshold comparisons
+
+
+@dataclass
+class ModelOutput:
+    vectors: np.ndarray  # rows in item order; only rows with done=True are meaningful
+    done: np.ndarray  # bool per item
+    seconds: float = 0.0  # time in the model itself
+    final_batch_size: int = 0
+    backoffs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PassOutput:
+    """Every stage's results for the items of a pass, in item order."""
+
+    sanitize: list[dict[str, Any] | None]
+    quality: list[dict[str, Any] | None]
+    phash: list[tuple[str, int | None, str | None] | None]
+    errors: list[str | None]  # per item: why a kept image has no pixels
+    models: dict[str, ModelOutput]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.errors) / max(self.seconds, 1e-9)
+
+
+class _Batcher:
+    """Gathers each model's pixels by shape and runs full batches while the workers decode.
+
+    Images of one shape wait for their batch; when more than ``max_waiting`` images wait in
+    all (many aspect ratios with a shorter-side rule), the fullest group runs early, so the
+    memory held stays bounded. Vectors do not depend on batch neighbours.
+    """
+
+    def __init__(self, models: Sequence[PassModel], inputs: tuple[Preprocessing, ...], total: int, settings):
+        from curation_assets.core.embed.embed import BatchRunner
+
+        self.settings = settings
+        self.models = list(models)
+        self.input_of = [inputs.index(model.preprocessing) for model in self.models]
+        self.runners = [BatchRunner(m.module, m.preprocessing, settings) for m in self.models]
+        self.outputs = {
+            m.name: ModelOutput(np.zeros((total, m.dim), dtype=m.dtype), np.zeros(total, dtype=bool))
+            for m in self.models
+        }
+        self.waiting: dict[tuple[int, tuple[int, ...]], list[tuple[int, np.ndarray]]] = defaultdict(list)
+        self.count = 0
+        self.max_waiting = max(4 * settings.batch_size * max(1, len(self.models)), 256)
+
+    def add(self, index: int, pixels: tuple[np.ndarray, ...]) -> None:
+        for m, source in enumerate(self.input_of):
+            group = self.waiting[(m, pixels[source].shape)]
+            group.append((index, pixels[source]))
+            self.count += 1
+            if len(group) >= self.settings.batch_size:
+                self._run((m, pixels[source].shape))
+        while self.count > self.max_waiting:
+            self._run(max(self.waiting, key=lambda key: len(self.waiting[key])))
+
+    def finish(self) -> dict[str, ModelOutput]:
+        for key in list(self.waiting):
+            self._run(key)
+        for runner, model in zip(self.runners, self.models, strict=True):
+            self.outputs[model.name].final_batch_size = runner.batch_size
+            self.outputs[model.name].backoffs = runner.backoffs
+        return self.outputs
+
+    def _run(self, key: tuple[int, tuple[int, ...]]) -> None:
+        import torch
+
+        group = self.waiting.pop(key, [])
+        if not group:
+            return
+        self.count -= len(group)
+        m = key[0]
+        model = self.models[m]
+        indices = np.fromiter((i for i, _ in group), dtype=np.int64, count=len(group))
+        pixels = torch.from_numpy(np.stack([p for _, p in group]))
+        if self.settings.pin_memory:  # a pinned batch copies to the GPU asynchronously
+            pixels = pixels.pin_memory()
+        start = time.perf_counter()
+        vectors = self.runners[m](pixels)
+        output = self.outputs[model.name]
+        output.seconds += time.perf_counter() - start
+        if vectors.shape[1] != model.dim:
+            raise ValueError(
+                f"model {model.name!r} returned {vectors.shape[1]}-d vectors, {model.dim} expected"
+            )
+        output.vectors[indices] = vectors.numpy().astype(model.dtype)
+        output.done[indices] = True
+
+
+def run_pass(
+    items: Sequence[PassItem],
+    plan: PassPlan,
+    models: Sequence[PassModel] = (),
+    settings: ComputeSettings | None = None,
+    workers: int = 1,
+    chunk_size: int = 16,
+    progress: Progress | None = None,
+) -> PassOutput:
+    """Run ``plan`` over ``items`` in ``workers`` processes and ``models`` on the results.
+
+    Every model's preprocessing must be one of ``plan.inputs``. Nothing an image does fails
+    the pass: an unreadable or undecodable file gets its sanitize row (or, without sanitize,
+    an error), and a file that kills its worker is found and recorded as the pool runner
+    does. The worker processes live for this call only.
+    """
+    start = time.perf_counter()
+    total = len(items)
+    sanitize: list[dict[str, Any] | None] = [None] * total
+    quality: list[dict[str, Any] | None] = [None] * total
+    phash: list[tuple[str, int | None, str | None] | None] = [None] * total
+    errors: list[str | None] = [None] * total
+    if models and settings is None:
+        raise ValueError("a pass with models needs compute settings")
+    batcher = _Batcher(models, plan.inputs, total, settings) if models else None
+
+    def take(first: int, outputs: list[ItemOutput]) -> None:
+        for offset, out in enumerate(outputs):
+            index = first + offset
+            sanitize[index], quality[index], phash[index] = out.sanitize, out.quality, out.phash
+            kept = out.sanitize is None or out.sanitize["status"] != str(Status.REJECTED)
+            if kept and out.error is not None:
+                errors[index] = out.error
+            elif kept and batcher is not None and out.pixels:
+                batcher.add(index, out.pixels)
+
+    map_chunks(
+        items,
+        process_chunk,
+        (plan,),
+        workers=workers,
+        chunk_size=chunk_size,
+        failed_row=lambda item, exc: _failed(item, "the worker could not return this image", exc, plan),
+        died_row=lambda item, exc: _failed(item, "the worker process died reading this image", exc, plan),
+        progress=progress,
+        sink=take,
+    )
+    outputs = batcher.finish() if batcher is not None else {}
+    return PassOutput(sanitize, quality, phash, errors, outputs, time.perf_counter() - start)
