@@ -18,38 +18,21 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.embed.embeddings import embedding_models, input_signature
-from curation_assets.assets.filters.aesthetic import aesthetic_signature
-from curation_assets.assets.filters.example_filters import (
-    distances_signature,
-    example_set,
-    examples_signature,
-)
-from curation_assets.assets.filters.quality import quality_signature
-from curation_assets.assets.filters.rotation import rotation_signature
 from curation_assets.assets.ingest.discovery import (
     partitions_name,
     pending_shards,
     recorded_fingerprint,
     retire_removed_shards,
 )
-from curation_assets.assets.keys import (
-    AESTHETIC,
-    EXACT,
-    EXAMPLE_DISTANCES,
-    GROUPS,
-    PHASHES,
-    QUALITY,
-    ROTATION,
-    SANITIZED,
-)
-from curation_assets.assets.labeled.labeled import perceptual_enabled, phash_signature
+from curation_assets.assets.keys import EXACT, GROUPS, SANITIZED
 from curation_assets.assets.project import (
     build_project_definitions,
     global_job_name,
     per_shard_asset_names,
     shard_job_name,
 )
+from curation_assets.assets.signatures import SIGNATURE
+from curation_assets.assets.stages import enabled_stages
 from curation_assets.config import ProjectConfig, curation_home
 from curation_assets.core.outputs.funnel import Funnel, build_funnel
 from curation_assets.launch import InProcessRuns, RunOutcome, Runs
@@ -99,17 +82,14 @@ class RunSummary:
 def shard_is_current(
     project: ProjectConfig, store: ProjectStore, key: str, fingerprint: str, assets: list[str]
 ) -> bool:
-    """True when the shard's inventory matches its files, sanitize ran with today's rules and
-    every per-shard asset has an output (each asset also skips unchanged work itself)."""
+    """True when the shard's inventory matches its files and every per-shard asset has an output
+    whose recorded input signature is today's (each asset also skips unchanged work itself)."""
     if recorded_fingerprint(store, key) != fingerprint:
         return False
     if not all(store.shard_path(asset, key).is_file() for asset in assets):
         return False
-    sanitized = store.shard_path(SANITIZED, key)
-    if store.parquet_metadata(sanitized).get("rules") != project.stages.sanitize.model_dump(mode="json"):
-        return False
     return all(
-        store.parquet_metadata(store.shard_path(asset, key)).get("input_signature") == signature
+        store.parquet_metadata(store.shard_path(asset, key)).get(SIGNATURE) == signature
         for asset, signature in shard_signatures(project, store, key).items()
     )
 
@@ -117,27 +97,14 @@ def shard_is_current(
 def shard_signatures(project: ProjectConfig, store: ProjectStore, key: str) -> dict[str, str]:
     """Per-shard asset -> the input signature today's inputs give (what a current output recorded).
 
-    Computed in order: an asset's signature may read the recorded signature of its input
-    (example distances read the semantic vectors'), which is current once that input is.
+    Computed in registry order: an asset's signature may read the recorded signature of its
+    input (example distances read the semantic vectors'), which is current once that input is.
     """
-    sanitized = store.shard_path(SANITIZED, key)
-    signatures = {
-        asset: input_signature(sanitized, model_name, project.models[model_name])
-        for asset, model_name in embedding_models(project).items()
+    return {
+        stage.name: stage.signature(project, store, key)
+        for stage in enabled_stages(project, "shard")
+        if stage.signature is not None
     }
-    stages = project.stages
-    if stages.example_filters.enabled:
-        examples = examples_signature(project, example_set(project))
-        signatures[EXAMPLE_DISTANCES] = distances_signature(store, key, examples)
-    if stages.aesthetic.enabled:
-        signatures[AESTHETIC] = aesthetic_signature(project, store, key)
-    if stages.quality.enabled:
-        signatures[QUALITY] = quality_signature(project, store, key)
-    if stages.rotation.enabled:
-        signatures[ROTATION] = rotation_signature(project, store, key)
-    if perceptual_enabled(project):
-        signatures[PHASHES] = phash_signature(project, store, key)
-    return signatures
 
 
 def as_runs(runs: Runs | dg.Definitions, instance: dg.DagsterInstance) -> Runs:

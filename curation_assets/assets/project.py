@@ -1,7 +1,8 @@
 """One project's asset graph: per-shard assets, global assets, their jobs, sensor and schedule.
 
-Stages switched off in the project file are absent from the graph (ToL has no rotation,
-GLDv2 no example filters); ``declared_stages`` lists what a project switches on.
+The assets are those of the registry's stages (assets/stages.py) that the project file
+switches on: stages switched off are absent from the graph (ToL has no rotation, GLDv2 no
+example filters); ``declared_stages`` lists what a project switches on.
 """
 
 from __future__ import annotations
@@ -9,26 +10,9 @@ from __future__ import annotations
 import dagster as dg
 
 from curation_assets.assets.common import shard_partitions
-from curation_assets.assets.dedup.exact_duplicates import build_exact_duplicates_asset
-from curation_assets.assets.dedup.near_dedup import build_near_dedup_assets
-from curation_assets.assets.embed.embeddings import build_embedding_assets
-from curation_assets.assets.filters.aesthetic import build_aesthetic_asset
-from curation_assets.assets.filters.example_filters import (
-    build_example_distances_asset,
-    build_example_embeddings_asset,
-)
-from curation_assets.assets.filters.filter_decisions import build_filter_decisions_asset, score_assets
-from curation_assets.assets.filters.quality import build_quality_asset
-from curation_assets.assets.filters.rotation import build_rotation_asset
 from curation_assets.assets.ingest.discovery import build_discovery_sensor, build_refresh_schedule
-from curation_assets.assets.ingest.inventory import build_inventory_asset
-from curation_assets.assets.ingest.sanitize import build_sanitize_asset
-from curation_assets.assets.labeled.labeled import build_labeled_assets, build_labeled_shard_assets
 from curation_assets.assets.outputs.apply import build_apply_jobs
-from curation_assets.assets.outputs.decisions import build_decisions_asset
-from curation_assets.assets.outputs.export import build_export_asset
-from curation_assets.assets.outputs.report import build_report_asset
-from curation_assets.assets.select.clustering import build_clusters_asset, build_sample_asset
+from curation_assets.assets.stages import build_stage_assets, enabled_stages
 from curation_assets.config import ProjectConfig
 
 CODE_LOCATION_MODULE = "curation_assets.definitions"  # what workspace.yaml and the run workers load
@@ -72,24 +56,7 @@ def global_job_name(project: ProjectConfig) -> str:
 def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
     partitions = shard_partitions(project)
     per_shard = build_per_shard_assets(project, partitions)
-    global_assets = []
-    if project.stages.exact_dedup.enabled:
-        global_assets.append(build_exact_duplicates_asset(project))
-    global_assets += build_near_dedup_assets(project)
-    if project.stages.example_filters.enabled:
-        global_assets.append(build_example_embeddings_asset(project))
-    if score_assets(project):
-        global_assets.append(build_filter_decisions_asset(project))
-    if project.stages.clustering.enabled:
-        global_assets.append(build_clusters_asset(project))
-    if project.stages.sampling.enabled:
-        global_assets.append(build_sample_asset(project))
-    global_assets.append(build_decisions_asset(project))
-    if project.export.enabled:
-        global_assets.append(build_export_asset(project))
-    if project.report.enabled:
-        global_assets.append(build_report_asset(project))
-    global_assets += build_labeled_assets(project)  # each only when its stage or section is on
+    global_assets = build_stage_assets(project, "global", partitions)
 
     shard_job = dg.define_asset_job(
         shard_job_name(project),
@@ -123,27 +90,13 @@ def build_project_definitions(project: ProjectConfig) -> dg.Definitions:
 def build_per_shard_assets(
     project: ProjectConfig, partitions: dg.PartitionsDefinition
 ) -> list[dg.AssetsDefinition]:
-    stages = project.stages
-    assets = [
-        build_inventory_asset(project, partitions),
-        build_sanitize_asset(project, partitions),
-        *build_embedding_assets(project, partitions),
-    ]
-    if stages.example_filters.enabled:
-        assets.append(build_example_distances_asset(project, partitions))
-    if stages.aesthetic.enabled:
-        assets.append(build_aesthetic_asset(project, partitions))
-    if stages.quality.enabled:
-        assets.append(build_quality_asset(project, partitions))
-    if stages.rotation.enabled:
-        assets.append(build_rotation_asset(project, partitions))
-    assets += build_labeled_shard_assets(project, partitions)
+    assets = build_stage_assets(project, "shard", partitions)
     return [asset.with_attributes(backfill_policy=SHARD_BACKFILL) for asset in assets]
 
 
 def per_shard_asset_names(project: ProjectConfig) -> list[str]:
-    """Names (without the project prefix) of the project's per-shard assets."""
-    return [asset.key.path[-1] for asset in build_per_shard_assets(project, shard_partitions(project))]
+    """Names (without the project prefix) of the project's per-shard assets, in pipeline order."""
+    return [stage.name for stage in enabled_stages(project, "shard")]
 
 
 def declared_stages(project: ProjectConfig) -> list[str]:

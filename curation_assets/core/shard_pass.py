@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from curation_assets.core.filters.quality import draft_size, working_image
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.ingest.sanitize import (
     _Rules,
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
     from curation_assets.core.embed.preprocess import Preprocessing
 
 Progress = Callable[[int, int, float], None]
+# A per-image stage: ``function(image_id, working copy) -> row``, module level (workers import it),
+# never raising for one image (a failure goes into its row). The working copy is the upright RGB
+# picture reduced by area averaging to 256 px on its longer side (quality's working image: the
+# quality scores and the perceptual hash are computed on it).
+PerImage = Callable[[str, Image.Image], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +76,16 @@ class PassPlan:
     """
 
     sanitize: _Rules | None
-    quality: bool = False
-    phash: bool = False
+    per_image: tuple[tuple[str, PerImage], ...] = ()  # (stage name, function) on the working copy
     inputs: tuple[Preprocessing, ...] = ()
 
     def draft_size(self, width: int | None, height: int | None) -> tuple[int, int] | None:
         """The smallest decode every consumer can still work from (JPEG draft), None: full size."""
         if self.sanitize is not None or not width or not height:
             return None  # sanitize needs the full decode: it is what catches truncated data
-        from curation_assets.core.filters.quality import draft_size as quality_draft
-        from curation_assets.core.labeled.phash import DRAFT_SIZE
-
         sizes = [prep.draft_size(width, height) for prep in self.inputs]
-        if self.quality:
-            sizes.append(quality_draft(width, height) or (width, height))
-        if self.phash:
-            sizes.append(DRAFT_SIZE)
+        if self.per_image:
+            sizes.append(draft_size(width, height) or (width, height))
         if not sizes:
             return None
         return max(w for w, _ in sizes), max(h for _, h in sizes)
@@ -96,8 +96,7 @@ class ItemOutput:
     """What a worker sends back for one file."""
 
     sanitize: dict[str, Any] | None = None  # the sanitize row (None when sanitize is not in the pass)
-    quality: dict[str, Any] | None = None  # a quality row, for kept images
-    phash: tuple[str, int | None, str | None] | None = None  # (image_id, hash, error), for kept images
+    rows: dict[str, Any] = field(default_factory=dict)  # per-image stage name -> its row, kept images
     pixels: tuple[np.ndarray, ...] = ()  # per plan input: 3 x H x W uint8, for kept images
     error: str | None = None  # why a kept image has no pixels (read or decode failed)
 
@@ -120,17 +119,12 @@ def _single_threaded_torch() -> None:
 def _derived(image_id: str, image: Image.Image, plan: PassPlan) -> ItemOutput:
     """Scores, hash and model inputs of one decoded upright RGB picture."""
     out = ItemOutput()
-    if plan.quality or plan.phash:
-        from curation_assets.core.filters.quality import score_image, working_image
-        from curation_assets.core.labeled.phash import hash_row
-
-        # One small copy serves both: the hash's 32 px thumbnail comes from it as well as
-        # from the full picture, and resizing a megapixel image twice would cost a decode.
+    if plan.per_image:
+        # One small copy serves every per-image stage: resizing a megapixel picture once per
+        # stage would cost about as much as its decode.
         work = working_image(image)
-        if plan.quality:
-            out.quality = score_image(image_id, work)
-        if plan.phash:
-            out.phash = hash_row(image_id, work)
+        for name, function in plan.per_image:
+            out.rows[name] = function(image_id, work)
     if plan.inputs:
         _single_threaded_torch()
         try:
@@ -217,8 +211,7 @@ class PassOutput:
     """Every stage's results for the items of a pass, in item order."""
 
     sanitize: list[dict[str, Any] | None]
-    quality: list[dict[str, Any] | None]
-    phash: list[tuple[str, int | None, str | None] | None]
+    rows: dict[str, list[Any]]  # per-image stage name -> its row per item (None: not kept)
     errors: list[str | None]  # per item: why a kept image has no pixels
     models: dict[str, ModelOutput]
     seconds: float
@@ -226,6 +219,22 @@ class PassOutput:
     @property
     def images_per_second(self) -> float:
         return len(self.errors) / max(self.seconds, 1e-9)
+
+    def select(self, positions: Sequence[int]) -> PassOutput:
+        """The results of the items at ``positions``, in that order (sanitize rows left out)."""
+        at = np.asarray(positions, dtype=np.int64)
+        return PassOutput(
+            sanitize=[],
+            rows={name: [rows[i] for i in at] for name, rows in self.rows.items()},
+            errors=[self.errors[i] for i in at],
+            models={
+                name: ModelOutput(
+                    out.vectors[at], out.done[at], out.seconds, out.final_batch_size, out.backoffs
+                )
+                for name, out in self.models.items()
+            },
+            seconds=self.seconds,
+        )
 
 
 class _Batcher:
@@ -313,8 +322,7 @@ def run_pass(
     start = time.perf_counter()
     total = len(items)
     sanitize: list[dict[str, Any] | None] = [None] * total
-    quality: list[dict[str, Any] | None] = [None] * total
-    phash: list[tuple[str, int | None, str | None] | None] = [None] * total
+    rows: dict[str, list[Any]] = {name: [None] * total for name, _ in plan.per_image}
     errors: list[str | None] = [None] * total
     if models and settings is None:
         raise ValueError("a pass with models needs compute settings")
@@ -323,7 +331,9 @@ def run_pass(
     def take(first: int, outputs: list[ItemOutput]) -> None:
         for offset, out in enumerate(outputs):
             index = first + offset
-            sanitize[index], quality[index], phash[index] = out.sanitize, out.quality, out.phash
+            sanitize[index] = out.sanitize
+            for name, row in out.rows.items():
+                rows[name][index] = row
             kept = out.sanitize is None or out.sanitize["status"] != str(Status.REJECTED)
             if kept and out.error is not None:
                 errors[index] = out.error
@@ -342,4 +352,4 @@ def run_pass(
         sink=take,
     )
     outputs = batcher.finish() if batcher is not None else {}
-    return PassOutput(sanitize, quality, phash, errors, outputs, time.perf_counter() - start)
+    return PassOutput(sanitize, rows, errors, outputs, time.perf_counter() - start)

@@ -39,6 +39,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageEnhance, ImageOps
 
+from curation_assets.core.atomic import atomic_path, write_text
+
 GENERATOR_VERSION = 1  # bump when the output changes: a marker of another version regenerates
 
 # class name -> bundled photo; the first n_classes are used
@@ -308,10 +310,9 @@ def generate_labeled_demo(
         write("test", label, leak, ext, source_id, kind)
 
     frame = pl.DataFrame(rows, schema=GROUND_TRUTH_SCHEMA).sort("image_id")
-    tmp = root / "ground_truth.parquet.tmp"
-    frame.write_parquet(tmp, statistics=False)
-    tmp.replace(root / "ground_truth.parquet")
-    marker.write_text(json.dumps(args, sort_keys=True, indent=2) + "\n")
+    with atomic_path(root / "ground_truth.parquet") as tmp:
+        frame.write_parquet(tmp, statistics=False)
+    write_text(marker, json.dumps(args, sort_keys=True, indent=2) + "\n")  # last: it says "complete"
     return _result(root, classes)
 
 

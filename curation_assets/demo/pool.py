@@ -37,6 +37,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from curation_assets.core.atomic import atomic_path, write_text
 from curation_assets.core.ingest.formats import sniff_format
 from curation_assets.core.outputs.reasons import Reason, Status
 
@@ -1585,12 +1586,10 @@ def generate_demo(
     if layout == "webdataset":
         _pack_tars(out_dir / "images")
     frame = pl.DataFrame(rows, schema=GROUND_TRUTH_SCHEMA).sort("image_id")
-    tmp = out_dir / "ground_truth.parquet.tmp"
-    frame.write_parquet(tmp, statistics=False)
-    tmp.replace(out_dir / "ground_truth.parquet")
-    tmp_marker = out_dir / (_MARKER + ".tmp")
-    tmp_marker.write_text(json.dumps(args, sort_keys=True, indent=2) + "\n")
-    tmp_marker.replace(marker)
+    with atomic_path(out_dir / "ground_truth.parquet") as tmp:
+        frame.write_parquet(tmp, statistics=False)
+    # the marker last: it says the folder is complete, so only a whole ground truth may precede it
+    write_text(marker, json.dumps(args, sort_keys=True, indent=2) + "\n")
     return _summary(out_dir, layout)
 
 

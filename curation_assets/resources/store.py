@@ -11,12 +11,11 @@ Per-shard files of a shard that left the pool are moved (never deleted) to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation_assets.config import ProjectConfig
+from curation_assets.core.atomic import atomic_path  # fsync'd, parents made: as store writes always were
 
 PARQUET = ".parquet"
 VECTORS_FILE = "vectors_file"  # parquet metadata: the .npy a vector table is aligned with
 _VECTOR_TOKEN = re.compile(r"[0-9a-f]{6,32}")  # the token write_vectors puts in an array's name
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it into place only if the body succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:  # flush data to disk before the rename makes it visible
-            os.fsync(handle.fileno())
-        tmp.replace(final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ProjectStore:

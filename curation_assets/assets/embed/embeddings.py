@@ -2,8 +2,9 @@
 
 Copy-detection vectors (stages.embeddings.copy_model, SSCD in the walkthroughs) feed the
 near-duplicate index; semantic vectors (semantic_model, CLIP / PE) feed filters and
-clustering. Both run in the Dagster pool "gpu" with the compute resource. A shard whose
-sanitize table and model are unchanged is skipped; a changed model recomputes.
+clustering. Both are outputs of the shard pass (assets/ingest/shard_pass.py): each model's
+inputs are resized from the one decode of each image. A shard whose sanitize table and
+model are unchanged is skipped; a changed model recomputes only its own vectors.
 """
 
 from pathlib import Path
@@ -13,13 +14,11 @@ import numpy as np
 import polars as pl
 import xxhash
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
-from curation_assets.assets.keys import COPY_EMBEDDINGS, INVENTORY, SANITIZED, SEMANTIC_EMBEDDINGS
+from curation_assets.assets.keys import COPY_EMBEDDINGS, SANITIZED, SEMANTIC_EMBEDDINGS
+from curation_assets.assets.signatures import SIGNATURE
+from curation_assets.assets.stage_spec import CheckDef, DecodePart, PassContext
 from curation_assets.config import ModelEntry, ProjectConfig
-from curation_assets.core.ingest.images import ImageRef
-from curation_assets.core.outputs.reasons import Status
-from curation_assets.resources.compute import ComputeResource
-from curation_assets.resources.store import ProjectStore, StoreResource
+from curation_assets.resources.store import ProjectStore
 
 CHECK_ONE_VECTOR = "one_vector_per_kept_image"
 CHECK_FINITE = "vectors_are_finite"
@@ -43,17 +42,6 @@ def input_signature(sanitized_path: Path, model_name: str, entry: ModelEntry) ->
     digest = xxhash.xxh3_128(sanitized_path.read_bytes())
     digest.update(model_stamp(model_name, entry).encode())
     return digest.hexdigest()
-
-
-def kept_images(store: ProjectStore, shard: str) -> pl.DataFrame:
-    """Sanitize rows that are not rejected, with where their bytes are (from the inventory)."""
-    sanitized = pl.read_parquet(store.shard_path(SANITIZED, shard))
-    where = pl.read_parquet(store.shard_path(INVENTORY, shard), columns=["image_id", "source_path", "offset"])
-    return (
-        sanitized.filter(pl.col("status") != Status.REJECTED)
-        .select("image_id", "content_hash", "size_bytes", "width", "height")
-        .join(where, on="image_id", how="left")
-    )
 
 
 def embedding_checks(
@@ -84,122 +72,89 @@ def embedding_checks(
     ]
 
 
-def build_embedding_asset(
-    project: ProjectConfig, partitions: dg.PartitionsDefinition, asset: str, model_name: str, purpose: str
-) -> dg.AssetsDefinition:
-    key = asset_key(project, asset)
-    entry = project.models[model_name]
-
-    @dg.asset(
-        key=key,
-        partitions_def=partitions,
-        deps=[asset_key(project, SANITIZED)],
-        group_name=group_name(project, "embeddings"),
-        kinds={"pytorch", "numpy"},
-        pool="gpu",
-        check_specs=[
-            dg.AssetCheckSpec(CHECK_ONE_VECTOR, asset=key, description="Every kept image has a vector."),
-            dg.AssetCheckSpec(CHECK_FINITE, asset=key, blocking=True, description="No NaN or Inf."),
-            dg.AssetCheckSpec(
-                CHECK_NORMS, asset=key, blocking=True, description="Norms as the model promises."
-            ),
-        ],
-        description=(
-            f"{purpose} vectors (model `{model_name}`, kind {entry.kind}) of every kept image of the shard: "
-            "float16 .npy row-aligned with a parquet of image_ids; model identity and preprocessing in its "
-            "metadata. Skipped when the shard and the model are unchanged."
-        ),
+def embedding_description(asset: str, model_name: str, entry: ModelEntry) -> str:
+    return (
+        f"{_PURPOSE[asset]} vectors (model `{model_name}`, kind {entry.kind}) of every kept image of the "
+        "shard: "
+        "float16 .npy row-aligned with a parquet of image_ids; model identity and preprocessing in its "
+        "metadata. Made from the shard pass's one decode per image; skipped when the shard and the "
+        "model are unchanged."
     )
-    def embeddings(
-        context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
-    ) -> dg.MaterializeResult:
-        # core.models and core.embed import torch: imported here, not at the top, so that loading
-        # the Definitions stays cheap (issue 12)
-        from curation_assets.core.embed.embed import embed_images
-        from curation_assets.core.embed.models import ModelFileError, check_model_file
 
-        shard = context.partition_key
-        project_store = store.for_project(project)
-        try:  # before any image is read
-            check_model_file(model_name, entry, project.allow_download)
-        except ModelFileError as exc:
-            raise dg.Failure(str(exc)) from None
-        sanitized_path = project_store.shard_path(SANITIZED, shard)
-        if not sanitized_path.is_file():
-            raise dg.Failure(f"no sanitized_images for shard {shard!r}: materialize it first")
-        signature = input_signature(sanitized_path, model_name, entry)
-        table_path = project_store.shard_path(asset, shard)
-        if (
-            table_path.is_file()
-            and project_store.parquet_metadata(table_path).get("input_signature") == signature
-        ):
-            ids, vectors, meta = project_store.read_vectors(asset, shard)
-            context.log.info(f"{asset} {shard}: inputs and model unchanged, kept the existing vectors")
-            return dg.MaterializeResult(
-                metadata={"skipped": True, "vectors": len(vectors), "model": model_name},
-                check_results=embedding_checks(
-                    key,
-                    len(ids),
-                    np.asarray(vectors),
-                    int(ids["error"].is_not_null().sum()),
-                    bool(meta.get("normalized")),
-                ),
-            )
 
-        settings = compute.settings()
-        model = load_project_model(project, model_name, settings.device)
-        kept = kept_images(project_store, shard)
-        refs = [
-            ImageRef(r["image_id"], r["source_path"], r["offset"], r["size_bytes"], r["width"], r["height"])
-            for r in kept.iter_rows(named=True)
-        ]
-        rate = RateLogger(context.log, f"{asset} {shard} on {settings.device}")
-        result = embed_images(model.module, model.preprocessing, model.dim, refs, settings, progress=rate)
-        rate.finish(len(refs))
-        rows = {image_id: row for row, image_id in enumerate(result.image_ids)}
-        errors = dict(result.errors)
-        ids = kept.select("image_id", "content_hash").with_columns(
-            row=pl.col("image_id").replace_strict(rows, default=None, return_dtype=pl.Int64),
-            error=pl.col("image_id").replace_strict(errors, default=None, return_dtype=pl.String),
-        )
-        ids = ids.select(list(IDS_SCHEMA))
-        project_store.write_vectors(
-            asset,
-            shard,
-            ids,
-            result.vectors,
-            metadata={
-                "model": model.identity,
-                "model_name": model_name,
-                "preprocessing": model.preprocessing.describe(),
-                "dim": model.dim,
-                "normalized": model.normalized,
-                "count": len(result.image_ids),
-                "input_signature": signature,
-            },
-        )
-        for image_id, error in result.errors[:20]:
-            context.log.warning(f"{image_id}: no vector ({error})")
+EMBEDDING_CHECKS = (
+    CheckDef(CHECK_ONE_VECTOR, "Every kept image has a vector."),
+    CheckDef(CHECK_FINITE, "No NaN or Inf.", blocking=True),
+    CheckDef(CHECK_NORMS, "Norms as the model promises.", blocking=True),
+)
+
+
+def finish_embeddings(ctx: PassContext, asset: str, model_name: str) -> dg.MaterializeResult:
+    """Write a model's vectors from the shard pass (or report the stored ones when current)."""
+    entry = ctx.project.models[model_name]
+    if ctx.output is None:
+        ids, vectors, meta = ctx.store.read_vectors(asset, ctx.shard)
         return dg.MaterializeResult(
-            metadata={
-                "model": model_name,
-                "kind": entry.kind,
-                "preprocessing": model.preprocessing.summary(),
-                "dim": model.dim,
-                "vectors": len(result.image_ids),
-                "decode_errors": len(result.errors),
-                "images_per_second": round(result.images_per_second, 1),
-                "compute": dg.MetadataValue.json(settings.describe()),
-                "oom_backoffs": result.backoffs,
-                "path": dg.MetadataValue.path(str(table_path)),
-                "dagster/row_count": len(ids),
-            },
+            asset_key=ctx.key,
+            metadata={"skipped": True, "vectors": len(vectors), "model": model_name},
             check_results=embedding_checks(
-                key, len(refs), result.vectors, len(result.errors), model.normalized
+                ctx.key,
+                len(ids),
+                np.asarray(vectors),
+                int(ids["error"].is_not_null().sum()),
+                bool(meta.get("normalized")),
             ),
         )
-
-    return embeddings
+    model = ctx.models[model_name]
+    out = ctx.output.models[model_name]
+    done = out.done
+    vectors = out.vectors[done].astype(np.float16)
+    rows = np.full(len(done), -1, dtype=np.int64)
+    rows[done] = np.arange(int(done.sum()))
+    errors = [
+        None if ok else (error or "not processed") for ok, error in zip(done, ctx.output.errors, strict=True)
+    ]
+    ids = ctx.kept.select("image_id", "content_hash").with_columns(
+        row=pl.Series([int(r) if r >= 0 else None for r in rows], dtype=pl.Int64),
+        error=pl.Series(errors, dtype=pl.String),
+    )
+    table_path = ctx.store.shard_path(asset, ctx.shard)
+    ctx.store.write_vectors(
+        asset,
+        ctx.shard,
+        ids.select(list(IDS_SCHEMA)),
+        vectors,
+        metadata={
+            "model": model.identity,
+            "model_name": model_name,
+            "preprocessing": model.preprocessing.describe(),
+            "dim": model.dim,
+            "normalized": model.normalized,
+            "count": len(vectors),
+            SIGNATURE: ctx.signature,
+        },
+    )
+    failed = ids.filter(pl.col("error").is_not_null())
+    for image_id, error in failed.select("image_id", "error").head(20).iter_rows():
+        ctx.log.warning(f"{image_id}: no vector ({error})")
+    return dg.MaterializeResult(
+        asset_key=ctx.key,
+        metadata={
+            "model": model_name,
+            "kind": entry.kind,
+            "preprocessing": model.preprocessing.summary(),
+            "dim": model.dim,
+            "vectors": len(vectors),
+            "decode_errors": failed.height,
+            "model_seconds": round(out.seconds, 2),
+            "shard_pass_images_per_second": round(ctx.output.images_per_second, 1),
+            "compute": dg.MetadataValue.json(ctx.compute),
+            "oom_backoffs": out.backoffs,
+            "path": dg.MetadataValue.path(str(table_path)),
+            "dagster/row_count": ids.height,
+        },
+        check_results=embedding_checks(ctx.key, ctx.kept.height, vectors, failed.height, model.normalized),
+    )
 
 
 def embedding_models(project: ProjectConfig) -> dict[str, str]:
@@ -213,10 +168,29 @@ def embedding_models(project: ProjectConfig) -> dict[str, str]:
 _PURPOSE = {COPY_EMBEDDINGS: "Copy-detection", SEMANTIC_EMBEDDINGS: "Semantic"}
 
 
-def build_embedding_assets(
-    project: ProjectConfig, partitions: dg.PartitionsDefinition
-) -> list[dg.AssetsDefinition]:
-    return [
-        build_embedding_asset(project, partitions, asset, model_name, _PURPOSE[asset])
-        for asset, model_name in embedding_models(project).items()
-    ]
+def embedding_part(asset: str) -> DecodePart:
+    """The shard-pass part of ``sscd_embeddings`` or ``semantic_embeddings``."""
+
+    def model_of(project: ProjectConfig) -> str:
+        return embedding_models(project)[asset]
+
+    return DecodePart(
+        group="embeddings",
+        kinds=frozenset({"pytorch", "numpy"}),
+        description=lambda project: embedding_description(
+            asset, model_of(project), project.models[model_of(project)]
+        ),
+        checks=EMBEDDING_CHECKS,
+        finish=lambda ctx: finish_embeddings(ctx, asset, model_of(ctx.project)),
+        model=model_of,
+    )
+
+
+def embedding_signature(asset: str):
+    """The input-signature function of an embedding asset (kept images, model entry, weights file)."""
+
+    def signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
+        model_name = embedding_models(project)[asset]
+        return input_signature(store.shard_path(SANITIZED, shard), model_name, project.models[model_name])
+
+    return signature

@@ -11,19 +11,21 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
+from curation_assets.assets.common import asset_key, group_name, load_project_model
 from curation_assets.assets.embed.embeddings import model_stamp
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
-    kept_refs,
     sanitized_bytes,
     semantic_vectors,
     signature_of,
-    skip_or_compute,
     vectors_signature,
 )
-from curation_assets.assets.keys import AESTHETIC, SANITIZED, SEMANTIC_EMBEDDINGS
+from curation_assets.assets.ingest.sanitize import kept_images
+from curation_assets.assets.keys import AESTHETIC, SEMANTIC_EMBEDDINGS
+from curation_assets.assets.signatures import SIGNATURE, stored_signature
+from curation_assets.assets.stage_spec import CheckDef, DecodePart, PassContext
 from curation_assets.config import ProjectConfig
+from curation_assets.core.filters.rules import FilterRule
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -32,7 +34,6 @@ from curation_assets.resources.store import ProjectStore, StoreResource
 if TYPE_CHECKING:
     import torch
 
-    from curation_assets.core.embed.embed import ComputeSettings
     from curation_assets.core.embed.models import LoadedModel
 
 CHECK_SCORED = "every_kept_image_has_an_aesthetic_score"
@@ -57,26 +58,6 @@ def score_vectors(mlp: "LoadedModel", vectors: np.ndarray, device: "torch.device
     return out
 
 
-def clip_vectors(
-    project: ProjectConfig, store: ProjectStore, shard: str, settings: "ComputeSettings", log
-) -> tuple[pl.DataFrame, np.ndarray]:
-    if reuses_semantic_vectors(project):
-        return semantic_vectors(store, shard)
-    from curation_assets.core.embed.embed import embed_images
-
-    clip = load_project_model(project, project.stages.aesthetic.clip_model, settings.device)
-    kept, refs = kept_refs(store, shard)
-    rate = RateLogger(log, f"aesthetic CLIP {shard}")
-    result = embed_images(clip.module, clip.preprocessing, clip.dim, refs, settings, progress=rate)
-    rate.finish(len(refs))
-    for image_id, error in result.errors[:20]:
-        log.warning(f"{image_id}: no CLIP vector ({error})")
-    ids = pl.DataFrame({"image_id": result.image_ids}).join(
-        kept.select("image_id", "content_hash"), on="image_id", how="left", maintain_order="left"
-    )
-    return ids, result.vectors
-
-
 def aesthetic_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
     """The scores depend on the CLIP vectors (or the images and the CLIP model) and the MLP."""
     stage = project.stages.aesthetic
@@ -90,58 +71,116 @@ def aesthetic_signature(project: ProjectConfig, store: ProjectStore, shard: str)
     return signature_of(inputs, model_stamp(stage.model, project.models[stage.model]))
 
 
-def build_aesthetic_asset(project: ProjectConfig, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    key = asset_key(project, AESTHETIC)
+def _description(project: ProjectConfig) -> str:
     stage = project.stages.aesthetic
-    reuse = reuses_semantic_vectors(project)
+    source = (
+        "the stored semantic vectors"
+        if reuses_semantic_vectors(project)
+        else "vectors from the shard pass's one decode per image"
+    )
+    return (
+        f"Aesthetic score 0-10 (model `{stage.model}` over `{stage.clip_model}` image embeddings, {source}) "
+        "of every kept image of the shard."
+    )
+
+
+def _result(
+    project: ProjectConfig,
+    store: ProjectStore,
+    shard: str,
+    key: dg.AssetKey,
+    signature: str,
+    clip: tuple[pl.DataFrame, np.ndarray] | None,
+    device,
+) -> dg.MaterializeResult:
+    """Score ``clip`` (image ids, CLIP vectors) with the MLP and write them; None: report the stored table."""
+    stage = project.stages.aesthetic
+    path = store.shard_path(AESTHETIC, shard)
+    if clip is None:
+        table, meta = pl.read_parquet(path), store.parquet_metadata(path)
+    else:
+        mlp = load_project_model(project, stage.model, device)
+        ids, vectors = clip
+        scores = score_vectors(mlp, vectors, device)
+        table = ids.with_columns(aesthetic=pl.Series(np.clip(scores, 0, 10), dtype=pl.Float32))
+        out_of_range = int(((scores < 0) | (scores > 10) | ~np.isfinite(scores)).sum())
+        meta = {"model": mlp.identity, "raw_out_of_range": out_of_range, SIGNATURE: signature}
+        store.write_parquet(table, path, metadata=meta)
+    kept = kept_images(store, shard)
+    values = table["aesthetic"]
+    return dg.MaterializeResult(
+        asset_key=key,
+        metadata={
+            "skipped": clip is None,
+            "images": table.height,
+            "mean": round(float(values.mean() or 0), 3),
+            "below_threshold": int((values < stage.threshold).sum()),
+            "threshold": stage.threshold,
+            # raw MLP outputs outside 0-10 are clipped; many of them means the wrong CLIP model
+            "raw_out_of_range": meta.get("raw_out_of_range", 0),
+            "dagster/row_count": table.height,
+            "path": dg.MetadataValue.path(str(path)),
+        },
+        check_results=[coverage_check(key, CHECK_SCORED, kept.height, table, ["aesthetic"], "score")],
+    )
+
+
+def build_aesthetic_asset(project: ProjectConfig, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The aesthetic asset of a project whose semantic model is the aesthetic head's CLIP model:
+    it scores the stored semantic vectors and decodes nothing."""
+    key = asset_key(project, AESTHETIC)
 
     @dg.asset(
         key=key,
         partitions_def=partitions,
-        deps=[asset_key(project, SEMANTIC_EMBEDDINGS if reuse else SANITIZED)],
+        deps=[asset_key(project, SEMANTIC_EMBEDDINGS)],
         group_name=group_name(project, "filters"),
         kinds={"pytorch"},
         pool="gpu",
-        check_specs=[
-            dg.AssetCheckSpec(CHECK_SCORED, asset=key, description="Every kept image has an aesthetic score.")
-        ],
-        description=(
-            f"Aesthetic score 0-10 (model `{stage.model}` over `{stage.clip_model}` image embeddings"
-            f"{', the stored semantic vectors' if reuse else ''}) of every kept image of the shard."
-        ),
+        check_specs=[dg.AssetCheckSpec(CHECK_SCORED, asset=key, description=_CHECK.description)],
+        description=_description(project),
     )
     def aesthetic_scores(
         context: dg.AssetExecutionContext, store: StoreResource, compute: ComputeResource
     ) -> dg.MaterializeResult:
         shard = context.partition_key
         project_store = store.for_project(project)
-        settings = compute.settings()
         signature = aesthetic_signature(project, project_store, shard)
-
-        def compute_scores() -> tuple[pl.DataFrame, dict]:
-            mlp = load_project_model(project, stage.model, settings.device)
-            ids, vectors = clip_vectors(project, project_store, shard, settings, context.log)
-            scores = score_vectors(mlp, vectors, settings.device)
-            table = ids.with_columns(aesthetic=pl.Series(np.clip(scores, 0, 10), dtype=pl.Float32))
-            out_of_range = int(((scores < 0) | (scores > 10) | ~np.isfinite(scores)).sum())
-            return table, {"model": mlp.identity, "raw_out_of_range": out_of_range}
-
-        table, meta, skipped = skip_or_compute(context, project_store, AESTHETIC, signature, compute_scores)
-        kept, _ = kept_refs(project_store, shard)
-        values = table["aesthetic"]
-        return dg.MaterializeResult(
-            metadata={
-                "skipped": skipped,
-                "images": table.height,
-                "mean": round(float(values.mean() or 0), 3),
-                "below_threshold": int((values < stage.threshold).sum()),
-                "threshold": stage.threshold,
-                # raw MLP outputs outside 0-10 are clipped; many of them means the wrong CLIP model
-                "raw_out_of_range": meta.get("raw_out_of_range", 0),
-                "dagster/row_count": table.height,
-                "path": dg.MetadataValue.path(str(project_store.shard_path(AESTHETIC, shard))),
-            },
-            check_results=[coverage_check(key, CHECK_SCORED, kept.height, table, ["aesthetic"], "score")],
-        )
+        if stored_signature(project_store, AESTHETIC, shard) == signature:
+            context.log.info(f"{AESTHETIC} {shard}: inputs unchanged, kept the existing table")
+            return _result(project, project_store, shard, key, signature, None, None)
+        device = compute.settings().device
+        clip = semantic_vectors(project_store, shard)
+        return _result(project, project_store, shard, key, signature, clip, device)
 
     return aesthetic_scores
+
+
+def finish_aesthetic(ctx: PassContext) -> dg.MaterializeResult:
+    """Score the CLIP vectors the shard pass computed for the aesthetic head (its own CLIP model)."""
+    clip = None
+    if ctx.output is not None:
+        out = ctx.output.models[ctx.project.stages.aesthetic.clip_model]
+        ids = ctx.kept.select("image_id", "content_hash").filter(pl.Series(out.done))
+        clip = (ids, out.vectors[out.done])
+        for image_id, error in zip(ctx.kept["image_id"], ctx.output.errors, strict=True):
+            if error is not None:
+                ctx.log.warning(f"{image_id}: no CLIP vector ({error})")
+    device = ctx.compute.get("device", "cpu")  # the compute resource's device, as the pass ran
+    return _result(ctx.project, ctx.store, ctx.shard, ctx.key, ctx.signature, clip, device)
+
+
+_CHECK = CheckDef(CHECK_SCORED, "Every kept image has an aesthetic score.")
+
+AESTHETIC_PART = DecodePart(
+    group="filters",
+    kinds=frozenset({"pytorch"}),
+    description=_description,
+    checks=(_CHECK,),
+    finish=finish_aesthetic,
+    model=lambda project: project.stages.aesthetic.clip_model,
+)
+
+
+def aesthetic_rules(project: ProjectConfig) -> list[FilterRule]:
+    return [FilterRule("aesthetic", "aesthetic", project.stages.aesthetic.threshold, "below")]

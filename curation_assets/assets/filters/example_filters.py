@@ -38,7 +38,7 @@ from curation_assets.core.filters.examples import (
     find_examples,
     vectors_by_category,
 )
-from curation_assets.core.filters.rules import min_cosine_distance
+from curation_assets.core.filters.rules import FilterRule, min_cosine_distance
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -238,3 +238,15 @@ def build_example_distances_asset(
         )
 
     return example_distances
+
+
+def example_rules(project: ProjectConfig) -> list[FilterRule]:
+    """One rule per category: removed when the distance to its examples is below its threshold."""
+    return [
+        FilterRule(f"example:{name}", distance_column(name), category.threshold, "below")
+        for name, category in project.stages.example_filters.categories.items()
+    ]
+
+
+def example_distances_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
+    return distances_signature(store, shard, examples_signature(project, example_set(project)))

@@ -17,16 +17,11 @@ import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
-from curation_assets.assets.filters.example_filters import distance_column
 from curation_assets.assets.filters.rotation import PROBABILITY_COLUMNS
 from curation_assets.assets.keys import (
-    AESTHETIC,
     EXACT,
-    EXAMPLE_DISTANCES,
     FILTER_DECISIONS,
     GROUPS,
-    QUALITY,
-    ROTATION,
     SANITIZED,
 )
 from curation_assets.config import ProjectConfig
@@ -43,44 +38,22 @@ CHECK_ONE_ROW = "one_row_per_kept_image"
 
 
 def filter_rules(project: ProjectConfig) -> list[FilterRule]:
-    """Every threshold the project file switches on, as a named rule."""
-    stages = project.stages
-    rules = []
-    if stages.example_filters.enabled:
-        rules += [
-            FilterRule(f"example:{name}", distance_column(name), category.threshold, "below")
-            for name, category in stages.example_filters.categories.items()
-        ]
-    if stages.aesthetic.enabled:
-        rules.append(FilterRule("aesthetic", "aesthetic", stages.aesthetic.threshold, "below"))
-    if stages.quality.enabled:
-        q = stages.quality
-        rules += [
-            FilterRule("quality:dark", "brightness_p99", q.dark_threshold, "below"),
-            FilterRule("quality:light", "brightness_p5", q.light_threshold, "above"),
-            FilterRule("quality:low_information", "entropy", q.low_information_threshold, "below"),
-            FilterRule("quality:blur", "blur", q.blur_threshold, "below"),
-        ]
-        if q.grayscale:
-            from curation_assets.core.filters.quality import GRAYSCALE_COLORFULNESS
+    """Every threshold the project file switches on, as a named rule (each score stage names its own)."""
+    from curation_assets.assets.stages import enabled_stages
 
-            rules.append(FilterRule("quality:grayscale", "colorfulness", GRAYSCALE_COLORFULNESS, "below"))
-    return rules
+    return [
+        rule
+        for stage in enabled_stages(project)
+        if stage.filter_rules
+        for rule in stage.filter_rules(project)
+    ]
 
 
 def score_assets(project: ProjectConfig) -> list[str]:
     """The per-shard score assets this project has (in join order)."""
-    stages = project.stages
-    return [
-        asset
-        for asset, on in (
-            (EXAMPLE_DISTANCES, stages.example_filters.enabled),
-            (AESTHETIC, stages.aesthetic.enabled),
-            (QUALITY, stages.quality.enabled),
-            (ROTATION, stages.rotation.enabled),
-        )
-        if on
-    ]
+    from curation_assets.assets.stages import enabled_stages
+
+    return [stage.name for stage in enabled_stages(project) if stage.scores]
 
 
 def gather_scores(store: ProjectStore, shards: list[str], assets: list[str], log) -> pl.DataFrame:

@@ -12,42 +12,18 @@ from collections.abc import Callable
 import dagster as dg
 import numpy as np
 import polars as pl
-import xxhash
 
-from curation_assets.assets.embed.embeddings import kept_images
-from curation_assets.assets.keys import SANITIZED, SEMANTIC_EMBEDDINGS
+from curation_assets.assets.ingest.sanitize import kept_images
+from curation_assets.assets.keys import SEMANTIC_EMBEDDINGS
+from curation_assets.assets.signatures import (  # noqa: F401  (the score assets import them from here)
+    SIGNATURE,
+    sanitized_bytes,
+    signature_of,
+    stored_signature,
+    vectors_signature,
+)
 from curation_assets.core.ingest.images import ImageRef
 from curation_assets.resources.store import ProjectStore
-
-SIGNATURE = "input_signature"
-
-
-def signature_of(*parts: str | bytes) -> str:
-    digest = xxhash.xxh3_128()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else part.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def sanitized_bytes(store: ProjectStore, shard: str) -> bytes:
-    path = store.shard_path(SANITIZED, shard)
-    if not path.is_file():
-        raise dg.Failure(f"no {SANITIZED} for shard {shard!r}: materialize it first")
-    return path.read_bytes()
-
-
-def stored_signature(store: ProjectStore, asset: str, shard: str) -> str | None:
-    path = store.shard_path(asset, shard)
-    return store.parquet_metadata(path).get(SIGNATURE) if path.is_file() else None
-
-
-def vectors_signature(store: ProjectStore, asset: str, shard: str) -> str:
-    """The signature a vector table was written with (it names its images and its model)."""
-    signature = stored_signature(store, asset, shard)
-    if signature is None:
-        raise dg.Failure(f"no {asset} for shard {shard!r}: materialize it first")
-    return signature
 
 
 def kept_refs(store: ProjectStore, shard: str) -> tuple[pl.DataFrame, list[ImageRef]]:

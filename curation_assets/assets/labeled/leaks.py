@@ -11,19 +11,18 @@
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
+from curation_assets.assets.common import asset_key, group_name, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
-    kept_refs,
     sanitized_bytes,
     signature_of,
-    skip_or_compute,
 )
 from curation_assets.assets.keys import INVENTORY, LEAKS, PHASHES, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.assets.labeled.labeled_data import all_images, kept, semantic_matrix
+from curation_assets.assets.signatures import SIGNATURE
+from curation_assets.assets.stage_spec import CheckDef, DecodePart, PassContext
 from curation_assets.config import ProjectConfig
-from curation_assets.core.pool import usable_cores
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -38,9 +37,10 @@ EXAMPLES_PER_METHOD = 8
 def phash_version() -> str:
     """The hash recipe's version; bump the suffix when the recipe changes (stored hashes of
     another version are recomputed)."""
-    from curation_assets.core.labeled import leaks
+    from curation_assets.core.labeled import phash
 
-    return f"dct{leaks.HASH_SIZE}-{leaks.HASH_BLOCK}x{leaks.HASH_BLOCK}-v1"
+    # v2: hashed from the shard pass's 256 px working copy of each image's one decode
+    return f"dct{phash.HASH_SIZE}-{phash.HASH_BLOCK}x{phash.HASH_BLOCK}-v2"
 
 
 def perceptual_enabled(project: ProjectConfig) -> bool:
@@ -53,60 +53,50 @@ def phash_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> 
     return signature_of(sanitized_bytes(store, shard), f"phash-{phash_version()}")
 
 
-def _workers(setting: int) -> int:
-    """0 in the project file means one process per core; hash_images counts 0 as "in this process"."""
-    count = setting or usable_cores()
-    return 0 if count <= 1 else count
-
-
-def build_phash_asset(project: ProjectConfig, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    key = asset_key(project, PHASHES)
-    stage = project.stages.train_test_leaks
-
-    @dg.asset(
-        key=key,
-        partitions_def=partitions,
-        deps=[asset_key(project, SANITIZED)],
-        group_name=group_name(project, "labels"),
-        kinds={"pillow", "polars"},
-        check_specs=[
-            dg.AssetCheckSpec(CHECK_HASHED, asset=key, description="Every kept image has a perceptual hash.")
-        ],
-        description=(
-            "64-bit DCT perceptual hash of every kept image of the shard (survives re-encodes, resizes and "
-            "1-2% border trims), for train/test leak detection. Skipped when the shard is unchanged."
-        ),
+def phash_description(project: ProjectConfig) -> str:
+    return (
+        "64-bit DCT perceptual hash of every kept image of the shard (survives re-encodes, resizes and "
+        "1-2% border trims), for train/test leak detection. Computed in the shard pass from each "
+        "image's one decode; skipped when the shard is unchanged."
     )
-    def perceptual_hashes(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
-        shard = context.partition_key
-        project_store = store.for_project(project)
-        signature = phash_signature(project, project_store, shard)
-        kept_rows, refs = kept_refs(project_store, shard)
 
-        def compute() -> tuple[pl.DataFrame, dict]:
-            from curation_assets.core.labeled import leaks
 
-            rate = RateLogger(context.log, f"perceptual hashes {shard}")
-            table = leaks.hash_images(refs, workers=_workers(stage.workers), progress=rate)
-            rate.finish(len(refs))
-            return table, {"phash_version": phash_version()}
+def finish_phashes(ctx: PassContext) -> dg.MaterializeResult:
+    """Write the hashes from the shard pass (or report the stored table when current)."""
+    from curation_assets.core.labeled.phash import hashes_frame
 
-        table, _, skipped = skip_or_compute(context, project_store, PHASHES, signature, compute)
-        errors = table.filter(pl.col("error").is_not_null())
-        for row in errors.head(20).iter_rows(named=True):
-            context.log.warning(f"{row['image_id']}: no perceptual hash ({row['error']})")
-        return dg.MaterializeResult(
-            metadata={
-                "skipped": skipped,
-                "images": table.height,
-                "errors": errors.height,
-                "dagster/row_count": table.height,
-                "path": dg.MetadataValue.path(str(project_store.shard_path(PHASHES, shard))),
-            },
-            check_results=[coverage_check(key, CHECK_HASHED, kept_rows.height, table, ["phash"], "hash")],
+    path = ctx.store.shard_path(PHASHES, ctx.shard)
+    if ctx.output is None:
+        table = pl.read_parquet(path)
+    else:
+        table = hashes_frame(ctx.output.rows[PHASHES])
+        ctx.store.write_parquet(
+            table, path, metadata={"phash_version": phash_version(), SIGNATURE: ctx.signature}
         )
+    errors = table.filter(pl.col("error").is_not_null())
+    for row in errors.head(20).iter_rows(named=True):
+        ctx.log.warning(f"{row['image_id']}: no perceptual hash ({row['error']})")
+    return dg.MaterializeResult(
+        asset_key=ctx.key,
+        metadata={
+            "skipped": ctx.skipped,
+            "images": table.height,
+            "errors": errors.height,
+            "dagster/row_count": table.height,
+            "path": dg.MetadataValue.path(str(path)),
+        },
+        check_results=[coverage_check(ctx.key, CHECK_HASHED, ctx.kept.height, table, ["phash"], "hash")],
+    )
 
-    return perceptual_hashes
+
+PHASH_PART = DecodePart(
+    group="labels",
+    kinds=frozenset({"pillow", "polars"}),
+    description=phash_description,
+    checks=(CheckDef(CHECK_HASHED, "Every kept image has a perceptual hash."),),
+    finish=finish_phashes,
+    per_image="curation_assets.core.labeled.phash:hash_row",
+)
 
 
 def _hashes(store: ProjectStore, shards: list[str]) -> pl.DataFrame:
@@ -294,7 +284,6 @@ __all__ = [
     "LEAKS",
     "PHASHES",
     "build_leaks_asset",
-    "build_phash_asset",
     "leak_rows",
     "perceptual_enabled",
     "phash_signature",

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from curation_assets.assets.filters.filter_decisions import score_assets
-from curation_assets.assets.keys import EXACT, FILTER_DECISIONS, GROUPS, INVENTORY, SANITIZED
+from curation_assets.assets.keys import INVENTORY, SANITIZED
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.decisions import STAGES, DecisionInputs, build_decisions
 from curation_assets.resources.store import ProjectStore
@@ -28,16 +27,21 @@ def _read_required(store: ProjectStore, asset: str) -> pl.DataFrame:
 
 
 def project_stages(project: ProjectConfig, with_sample: bool) -> list[str]:
-    """The decision stages the project runs, in order."""
-    stages = project.stages
-    on = {
-        "sanitize": True,
-        "exact_dedup": stages.exact_dedup.enabled,
-        "near_dedup": stages.near_dedup.enabled,
-        "filters": bool(score_assets(project)),
-        "sampling": stages.sampling.enabled and with_sample,
-    }
-    return [stage for stage in STAGES if on[stage]]
+    """The decision stages the project runs, in order (each global stage of the registry names the
+    decision stage its output feeds)."""
+    from curation_assets.assets.stages import enabled_stages
+
+    on = {"sanitize"} | {s.decides for s in enabled_stages(project, "global") if s.decides}
+    if not with_sample:
+        on.discard("sampling")
+    return [stage for stage in STAGES if stage in on]
+
+
+def decision_asset(project: ProjectConfig, decides: str) -> str:
+    """The global asset whose output a decision stage reads."""
+    from curation_assets.assets.stages import STAGES as REGISTRY
+
+    return next(s.name for s in REGISTRY if s.decides == decides)
 
 
 def load_decision_inputs(
@@ -54,12 +58,16 @@ def load_decision_inputs(
         if not sample_path.is_file():
             raise MissingInputError(f"no sample at {sample_path}: materialize curated_sample first")
         sample = pl.read_parquet(sample_path)
+
+    def output_of(decides: str) -> pl.DataFrame | None:
+        return _read_required(store, decision_asset(project, decides)) if decides in stages else None
+
     return DecisionInputs(
         inventory=inventory.collect(),
         sanitized=sanitized.collect(),
-        exact=_read_required(store, EXACT) if "exact_dedup" in stages else None,
-        near=_read_required(store, GROUPS) if "near_dedup" in stages else None,
-        filters=_read_required(store, FILTER_DECISIONS) if "filters" in stages else None,
+        exact=output_of("exact_dedup"),
+        near=output_of("near_dedup"),
+        filters=output_of("filters"),
         sample=sample,
     )
 

@@ -31,6 +31,7 @@ from curation_assets.assets.keys import (
 )
 from curation_assets.assets.outputs.decision_inputs import MissingInputError, decisions_for
 from curation_assets.config import ProjectConfig
+from curation_assets.core.atomic import atomic_path
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
 from curation_assets.core.outputs.decisions import survivors
 from curation_assets.core.select.sampling import gini, hierarchical_sample, normalized_entropy
@@ -84,17 +85,15 @@ def gather_vectors(
             raise dg.Failure(str(exc)) from None
     dim = int(reference["dim"])
     path = store.global_path(CLUSTERS, VECTORS_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
     at, order = 0, []
-    for rows, vectors in parts:
-        out[at : at + rows.height] = np.asarray(vectors)[rows["row"].to_numpy()]
-        order.append(rows.select("image_id"))
-        at += rows.height
-    out.flush()
-    del out
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
+        for rows, vectors in parts:
+            out[at : at + rows.height] = np.asarray(vectors)[rows["row"].to_numpy()]
+            order.append(rows.select("image_id"))
+            at += rows.height
+        out.flush()
+        del out  # the map is closed before the rename
     ids = pl.concat(order) if order else pl.DataFrame(schema={"image_id": pl.String})
     missing = len(wanted) - ids.height
     if missing:

@@ -257,8 +257,9 @@ def _format_allowed(subject: Subject, rules: _Rules) -> list[Finding]:
             subject.mode = im.mode
     except Exception:
         pass
-    allowed = ", ".join(rules.allowed_formats)
-    return [_reject(Reason.UNSUPPORTED_FORMAT, f"{real} is not among the allowed formats ({allowed})")]
+    from curation_assets.core.ingest.formats import unsupported_format_detail  # says what would read it
+
+    return [_reject(Reason.UNSUPPORTED_FORMAT, unsupported_format_detail(real, rules.allowed_formats))]
 
 
 @check("extension", "file", (Reason.EXTENSION_MISMATCH,), ("allowed_formats",))

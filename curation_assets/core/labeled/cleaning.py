@@ -16,13 +16,12 @@ image_id. The split prefix keeps entries unique when train and test hold the sam
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
+from curation_assets.core.atomic import atomic_path, write_text
 from curation_assets.core.labeled.review import ACTIONS
 
 REMOVAL_LIST = "removal_list.txt"
@@ -115,18 +114,9 @@ def cleaning_outputs(
         "final_manifest": out_dir / FINAL_MANIFEST,
     }
     text = "".join(f"{entry}\n" for entry in removed)
-    _write_atomic(paths["removal_list"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(paths["removal_list"], text)
     body = json.dumps(relabel_map, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
-    _write_atomic(paths["relabel_map"], lambda tmp: tmp.write_text(body, encoding="utf-8"))
-    _write_atomic(paths["final_manifest"], lambda tmp: final.write_parquet(tmp))
+    write_text(paths["relabel_map"], body)
+    with atomic_path(paths["final_manifest"]) as tmp:
+        final.write_parquet(tmp)
     return paths
-
-
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temp name in the same folder and rename: no half-written file looks whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -5,8 +5,9 @@ Pure library, no Dagster. Three steps, each a plain function:
 - :func:`build_review_manifest` folds the long table of machine flags (leaks, label issues,
   duplicates, quality, external tools) into one row per flagged image, maps every flag to
   the standard tag taxonomy (:data:`TAGS`) and proposes a machine action;
-- :func:`write_review_page` writes ``review.html`` plus small thumbnails: a reviewer filters,
-  tags with the keyboard and exports a decisions CSV;
+- :func:`write_review_page` writes ``review.html`` (the package-data template
+  ``templates/review.html.j2``) plus small thumbnails: a reviewer filters, tags with the
+  keyboard and exports a decisions CSV;
 - :func:`merge_human_decisions` reads that CSV back into the manifest. Human decisions win
   over machine flags; anything the CSV says that the manifest cannot hold (an unknown
   image, tag or action) is an error naming the CSV line, never a silent drop.
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from markupsafe import Markup
 from PIL import Image
 
+from curation_assets.core.atomic import atomic_path, write_text
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
+from curation_assets.templates import render as render_template
 
 TAGS: tuple[str, ...] = (
     "mislabel_confirmed",
@@ -424,14 +426,12 @@ def write_review_page(
         row["thumb_error"] = error
         rows.append(row)
     data = {"tags": list(TAGS), "actions": list(ACTIONS), "columns": list(DECISION_COLUMNS), "rows": rows}
-    page = (
-        _PAGE.replace("__TITLE__", html.escape(title, quote=True))
-        .replace("__COUNT__", str(len(rows)))
-        .replace("__DATA__", _script_json(data))
+    # The JSON is escaped for a <script> element by _script_json, so it goes in as markup;
+    # the title is text and the template escapes it.
+    page = render_template(
+        "review.html.j2", title=title, count=len(rows), data_json=Markup(_script_json(data))
     )
-    path = out_dir / "review.html"
-    _write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-    return path
+    return write_text(out_dir / "review.html", page)
 
 
 def _script_json(data: Any) -> str:
@@ -473,7 +473,9 @@ def _make_thumbnails(
             data = read_bytes(record["source_path"], record["offset"], record["size_bytes"])
             image = load_rgb(data, draft_size=(side, side))
             image.thumbnail((side, side), Image.Resampling.LANCZOS)
-            _write_atomic(target, lambda tmp: image.save(tmp, "JPEG", quality=THUMB_QUALITY))
+            # no fsync: thumbnails are many and only previews; a sync each would slow the page down
+            with atomic_path(target, fsync=False) as tmp:
+                image.save(tmp, "JPEG", quality=THUMB_QUALITY)
         except Exception as exc:  # one unreadable image must not cost the whole page
             return None, f"cannot read {record['source_path']}: {describe_error(exc)}"
         return name, None
@@ -492,353 +494,3 @@ def _prune_thumbnails(folder: Path, keep: set[str]) -> None:
     for path in folder.iterdir():
         if _THUMB_NAME.match(path.name) and path.name not in keep:
             path.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temp name in the same folder and rename: no half-written file looks whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(write)}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# The page. Every value from the manifest reaches the DOM through textContent, attribute
-# setters or option labels, never through innerHTML, so an image_id or label holding markup
-# stays text. The title is HTML-escaped in Python; the data is JSON escaped for <script>.
-_PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__</title>
-<style>
-:root { --line: #d0d4da; --muted: #5b6470; --focus: #1f6feb; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 13px/1.4 system-ui, sans-serif; color: #1c2128; background: #f6f8fa; }
-header { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line);
-  padding: 8px 12px; display: flex; flex-wrap: wrap; gap: 8px 16px; align-items: center; }
-header h1 { font-size: 15px; margin: 0 8px 0 0; }
-header label { color: var(--muted); }
-#help { padding: 6px 12px; color: var(--muted); border-bottom: 1px solid var(--line); background: #fff; }
-#help kbd { border: 1px solid var(--line); border-radius: 3px; padding: 0 3px; background: #f6f8fa; }
-main { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 10px;
-  padding: 12px; }
-.card { background: #fff; border: 2px solid var(--line); border-radius: 6px; padding: 8px; display: flex;
-  flex-direction: column; gap: 4px; }
-.card.current { border-color: var(--focus); box-shadow: 0 0 0 2px rgba(31,111,235,.25); }
-.card[data-action="remove"] { background: #fff1f0; }
-.card[data-action="relabel"] { background: #fffbe6; }
-.card[data-action="keep"] { background: #f0fff4; }
-.thumb { height: 170px; display: flex; align-items: center; justify-content: center; background: #eef1f4; }
-.thumb img { max-width: 100%; max-height: 170px; }
-.thumb .broken { color: #b42318; padding: 6px; font-size: 12px; word-break: break-all; }
-.id { font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }
-.meta { color: var(--muted); }
-.chips { display: flex; flex-wrap: wrap; gap: 3px; }
-.chip { border-radius: 10px; padding: 0 6px; font-size: 11px; border: 1px solid var(--line); }
-.flag { background: #eef1f4; }
-.mtag { background: #ddf4ff; border-color: #9cd0ff; }
-.tagbtn { cursor: pointer; background: #fff; color: var(--muted); }
-.tagbtn.on { background: #1f6feb; border-color: #1f6feb; color: #fff; }
-.row { display: flex; gap: 4px; align-items: center; }
-.row input { flex: 1; min-width: 0; }
-.actbtn { cursor: pointer; }
-.actbtn.on { font-weight: bold; outline: 2px solid var(--focus); }
-details pre { white-space: pre-wrap; word-break: break-word; margin: 2px 0; font-size: 11px; }
-</style>
-</head>
-<body>
-<header>
-  <h1>__TITLE__</h1>
-  <span id="shown">__COUNT__ images</span>
-  <label>Tag <select id="filter-tag"><option value="">any</option></select></label>
-  <label>Flag <select id="filter-flag"><option value="">any</option></select></label>
-  <label>Decision <select id="filter-action">
-    <option value="">any</option><option value="undecided">undecided</option>
-    <option value="keep">keep</option><option value="remove">remove</option>
-    <option value="relabel">relabel</option></select></label>
-  <label>Reviewer <input id="reviewer" size="10" placeholder="your name"></label>
-  <button id="export" type="button">Export decisions</button>
-  <span id="status" class="meta"></span>
-</header>
-<div id="help"><kbd>j</kbd>/<kbd>k</kbd> next/previous &middot; <kbd>1</kbd>&ndash;<kbd>9</kbd>,
-<kbd>0</kbd> toggle a tag &middot; <kbd>a</kbd> keep &middot; <kbd>x</kbd> remove &middot;
-<kbd>r</kbd> relabel &middot; <kbd>u</kbd> clear the action &middot; <kbd>n</kbd> edit the new label
-&middot; <kbd>Esc</kbd> leave a text field. Machine tags are blue; your tags are the buttons.
-Export writes every decision on the page (earlier merged ones included) to one CSV.</div>
-<main id="grid"></main>
-<p><button id="more" type="button" hidden>Show more</button></p>
-<script type="application/json" id="manifest-data">__DATA__</script>
-<script>
-"use strict";
-const DATA = JSON.parse(document.getElementById("manifest-data").textContent);
-const TAGS = DATA.tags, ACTIONS = DATA.actions, ROWS = DATA.rows;
-const KEY_TAGS = TAGS.filter(t => !ACTIONS.includes(t));  // digits 1..9, 0
-const KEYS = ["1","2","3","4","5","6","7","8","9","0"];
-const TAGSEP = ";";
-const grid = document.getElementById("grid");
-const reviewerInput = document.getElementById("reviewer");
-const more = document.getElementById("more");
-const PAGE = 200;  // cards in the page at once: tens of thousands of cards would crawl
-let cards = [], matches = [], limit = PAGE, current = -1, dirty = false;
-
-function cardFor(index) {  // built on first use, then kept with its state
-  if (!cards[index]) { cards[index] = buildCard(ROWS[index], index); refresh(index); }
-  return cards[index];
-}
-
-function el(tag, cls, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  return node;
-}
-
-function buildCard(row, index) {
-  const card = el("div", "card");
-  card.dataset.index = String(index);
-  card.dataset.imageId = row.image_id;
-  const thumb = el("div", "thumb");
-  if (row.thumb) {
-    const img = el("img");
-    img.src = row.thumb;
-    img.alt = row.image_id;
-    img.loading = "lazy";
-    thumb.appendChild(img);
-  } else {
-    thumb.appendChild(el("div", "broken", row.thumb_error || "no thumbnail"));
-  }
-  card.appendChild(thumb);
-  card.appendChild(el("div", "id", row.image_id));
-  let meta = [row.split, row.label].filter(v => v !== null && v !== undefined && v !== "").join(" \u00b7 ");
-  if (row.suggested_label) meta += " \u2192 suggested: " + row.suggested_label;
-  if (row.confidence !== null && row.confidence !== undefined) meta += " (" + row.confidence.toFixed(2) + ")";
-  card.appendChild(el("div", "meta", meta));
-  const flags = el("div", "chips");
-  row.flags.forEach(f => flags.appendChild(el("span", "chip flag", f)));
-  card.appendChild(flags);
-  const mtags = el("div", "chips");
-  row.machine_tags.forEach(t => mtags.appendChild(el("span", "chip mtag", t)));
-  if (row.machine_action) mtags.appendChild(el("span", "chip mtag", "machine: " + row.machine_action));
-  card.appendChild(mtags);
-  const tagbox = el("div", "chips user-tags");
-  TAGS.forEach(t => {
-    const slot = KEY_TAGS.indexOf(t);
-    const b = el("button", "chip tagbtn", (slot >= 0 ? KEYS[slot] + " " : "") + t);
-    b.type = "button";
-    b.dataset.tag = t;
-    b.addEventListener("click", () => { select(index); toggleTag(index, t); });
-    tagbox.appendChild(b);
-  });
-  card.appendChild(tagbox);
-  const acts = el("div", "row");
-  ACTIONS.forEach(a => {
-    const b = el("button", "actbtn", a);
-    b.type = "button";
-    b.dataset.action = a;
-    b.addEventListener("click", () => { select(index); setAction(index, row.user_action === a ? null : a); });
-    acts.appendChild(b);
-  });
-  const label = el("input", "new-label");
-  label.placeholder = "new label";
-  label.addEventListener("input", () => {
-    row.new_label = label.value.trim() || null;
-    if (row.new_label && row.user_action !== "relabel") setAction(index, "relabel", true);
-    else touch(index);
-  });
-  acts.appendChild(label);
-  card.appendChild(acts);
-  if (row.details) {
-    const d = el("details");
-    d.appendChild(el("summary", null, "details"));
-    d.appendChild(el("pre", null, row.details));
-    card.appendChild(d);
-  }
-  card.addEventListener("click", () => select(index));
-  return card;
-}
-
-function refresh(index) {
-  const row = ROWS[index], card = cards[index];
-  card.dataset.action = row.user_action || "";
-  card.dataset.userTags = row.user_tags.join(TAGSEP);
-  card.querySelectorAll(".tagbtn")
-    .forEach(b => b.classList.toggle("on", row.user_tags.includes(b.dataset.tag)));
-  card.querySelectorAll(".actbtn")
-    .forEach(b => b.classList.toggle("on", row.user_action === b.dataset.action));
-  const input = card.querySelector(".new-label");
-  if (document.activeElement !== input) input.value = row.new_label || "";
-  input.placeholder = row.suggested_label ? "new label (" + row.suggested_label + ")" : "new label";
-}
-
-function touch(index) {
-  // No re-filtering here: a keypress never makes the card being edited vanish. Filters
-  // apply when they are changed.
-  const row = ROWS[index];
-  row.reviewer = reviewerInput.value.trim() || row.reviewer || null;
-  dirty = true;
-  document.getElementById("status").textContent = "unsaved changes: export before closing";
-  refresh(index);
-}
-
-function setAction(index, action, keepLabel) {
-  const row = ROWS[index];
-  row.user_action = action;
-  row.user_tags = row.user_tags.filter(t => !ACTIONS.includes(t));
-  if (action) row.user_tags.push(action);
-  row.user_tags = TAGS.filter(t => row.user_tags.includes(t));
-  if (action === "relabel") {
-    if (!row.new_label && !keepLabel) row.new_label = row.suggested_label || null;
-  } else {
-    row.new_label = null;
-  }
-  touch(index);
-}
-
-function toggleTag(index, tag) {
-  const row = ROWS[index];
-  if (ACTIONS.includes(tag)) { setAction(index, row.user_action === tag ? null : tag); return; }
-  if (row.user_tags.includes(tag)) row.user_tags = row.user_tags.filter(t => t !== tag);
-  else row.user_tags = TAGS.filter(t => t === tag || row.user_tags.includes(t));
-  touch(index);
-}
-
-function finalAction(row) { return row.user_action || row.machine_action || "keep"; }
-
-function matchesFilters(row) {
-  const tag = document.getElementById("filter-tag").value;
-  const flag = document.getElementById("filter-flag").value;
-  const action = document.getElementById("filter-action").value;
-  return (!tag || row.machine_tags.includes(tag) || row.user_tags.includes(tag))
-    && (!flag || row.flags.includes(flag))
-    && (!action || (action === "undecided" ? !row.user_action : finalAction(row) === action));
-}
-
-function applyFilters() {
-  matches = [];
-  ROWS.forEach((row, i) => { if (matchesFilters(row)) matches.push(i); });
-  limit = PAGE;
-  render();
-  if (!matches.includes(current)) select(matches.length ? matches[0] : -1, true);
-}
-
-function render() {
-  grid.replaceChildren(...matches.slice(0, limit).map(cardFor));
-  more.hidden = matches.length <= limit;
-  more.textContent = "Show " + Math.min(PAGE, matches.length - limit) + " more";
-  const partial = matches.length > limit ? " (first " + limit + " shown)" : "";
-  document.getElementById("shown").textContent = matches.length + " of " + ROWS.length + " images" + partial;
-}
-
-function reveal(index) {
-  const pos = matches.indexOf(index);
-  if (pos < 0) return false;
-  if (pos >= limit) { limit = PAGE * Math.ceil((pos + 1) / PAGE); render(); }
-  return true;
-}
-
-function select(index, noScroll) {
-  if (current >= 0 && cards[current]) cards[current].classList.remove("current");
-  current = index;
-  if (index < 0) return;
-  cardFor(index).classList.add("current");
-  if (!noScroll) cards[index].scrollIntoView({block: "nearest"});
-}
-
-function move(step) {
-  const next = matches.indexOf(current) + step;
-  if (next < 0 || next >= matches.length) return;
-  reveal(matches[next]);
-  select(matches[next]);
-}
-
-function csvField(value) {
-  const text = value === null || value === undefined ? "" : String(value);
-  return '"' + text.replace(/"/g, '""') + '"';
-}
-
-function exportDecisions() {
-  // The CSV must merge: a relabel without a label would be refused there, so refuse it here.
-  const unnamed = ROWS.findIndex(row => row.user_action === "relabel" && !row.new_label);
-  if (unnamed >= 0) {
-    const count = ROWS.filter(row => row.user_action === "relabel" && !row.new_label).length;
-    document.getElementById("status").textContent = "not exported: " + count
-      + " relabel decision(s) without a new label (type one, or change the action)";
-    if (!matches.includes(unnamed)) {
-      ["filter-tag", "filter-flag", "filter-action"]
-        .forEach(id => { document.getElementById(id).value = ""; });
-      applyFilters();
-    }
-    reveal(unnamed);
-    select(unnamed);
-    return;
-  }
-  const name = reviewerInput.value.trim() || null;
-  const lines = [DATA.columns.join(",")];
-  ROWS.forEach(row => {
-    if (!row.user_tags.length && !row.user_action && !row.new_label) return;
-    const label = row.user_action === "relabel" ? row.new_label : null;
-    lines.push([row.image_id, row.user_tags.join(TAGSEP), row.user_action, label, row.reviewer || name]
-      .map(csvField).join(","));
-  });
-  const blob = new Blob([lines.join("\n") + "\n"], {type: "text/csv;charset=utf-8"});
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = "review_decisions.csv";
-  document.body.appendChild(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
-  dirty = false;
-  document.getElementById("status").textContent = "exported " + (lines.length - 1) + " decisions";
-}
-
-document.addEventListener("keydown", event => {
-  const target = event.target;
-  const typing = target instanceof HTMLInputElement || target instanceof HTMLSelectElement
-    || target instanceof HTMLTextAreaElement;
-  if (typing) { if (event.key === "Escape") target.blur(); return; }
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
-  const key = event.key;
-  if (key === "j" || key === "ArrowDown" || key === "ArrowRight") { move(1); event.preventDefault(); return; }
-  if (key === "k" || key === "ArrowUp" || key === "ArrowLeft") { move(-1); event.preventDefault(); return; }
-  if (current < 0) return;
-  const slot = KEYS.indexOf(key);
-  if (slot >= 0 && slot < KEY_TAGS.length) { toggleTag(current, KEY_TAGS[slot]); return; }
-  const actions = {a: "keep", x: "remove", r: "relabel"};
-  if (key in actions) {
-    setAction(current, ROWS[current].user_action === actions[key] ? null : actions[key]);
-    // A relabel with nothing to suggest needs the new name typed in: go straight there.
-    if (ROWS[current].user_action === "relabel" && !ROWS[current].new_label) {
-      cardFor(current).querySelector(".new-label").focus();
-      event.preventDefault();
-    }
-    return;
-  }
-  if (key === "u") { setAction(current, null); return; }
-  if (key === "n") { cardFor(current).querySelector(".new-label").focus(); event.preventDefault(); }
-});
-
-function fillSelect(id, values) {
-  const select = document.getElementById(id);
-  values.forEach(v => { const o = el("option", null, v); o.value = v; select.appendChild(o); });
-  select.addEventListener("change", () => applyFilters());
-}
-
-ROWS.forEach(row => { row.user_tags = row.user_tags || []; });
-fillSelect("filter-tag", TAGS);
-fillSelect("filter-flag", Array.from(new Set(ROWS.flatMap(r => r.flags))).sort());
-document.getElementById("filter-action").addEventListener("change", () => applyFilters());
-document.getElementById("export").addEventListener("click", exportDecisions);
-more.addEventListener("click", () => { limit += PAGE; render(); });
-window.addEventListener("beforeunload", event => {
-  if (dirty) { event.preventDefault(); event.returnValue = ""; }
-});
-applyFilters();
-document.body.dataset.ready = "1";
-</script>
-</body>
-</html>
-"""

@@ -29,7 +29,6 @@ import errno
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -39,9 +38,9 @@ from typing import Any, TextIO
 import polars as pl
 import xxhash
 
+from curation_assets.core.atomic import atomic_path, fsync_dir, temp_beside
 from curation_assets.core.ingest.images import describe_error
 from curation_assets.core.outputs.export import (
-    atomic_target,
     check_plan,
     copy_verified,
     hash_file,
@@ -571,7 +570,7 @@ def _carry_out(entry: _Entry, jpeg_quality: int, summary: ApplySummary, *, verif
     _, fmt = output_name(action.rel_path, recipe)
     data = original if fmt is None else render_fixed(original, recipe, fmt, jpeg_quality=jpeg_quality)
     target = Path(action.target)
-    with atomic_target(target) as tmp:
+    with atomic_path(target) as tmp:
         tmp.write_bytes(data)
     if target != source and source.exists() and _holds(source, h):
         source.unlink()
@@ -778,7 +777,7 @@ def _registry_update(path: Path) -> Iterator[list[AppliedRecord]]:
         records = read_registry(path)
         yield records
         document = {"version": REGISTRY_VERSION, "applies": [asdict(r) for r in records]}
-        with atomic_target(path) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         fsync_dir(path.parent)
 
@@ -792,16 +791,6 @@ def _holds(path: Path, content_hash: str) -> bool:
         return path.is_file() and not path.is_symlink() and hash_file(path) == content_hash
     except OSError:
         return False
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` durable."""
-    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def move_no_overwrite(source: Path, dest: Path, content_hash: str | None) -> None:
@@ -828,7 +817,7 @@ def move_no_overwrite(source: Path, dest: Path, content_hash: str | None) -> Non
 
 def _copy_no_overwrite(source: Path, dest: Path, content_hash: str | None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_beside(dest) as tmp:
+    with temp_beside(dest) as tmp:  # linked into place below, never renamed over a file
         copy_verified(source, tmp, content_hash)
         try:
             dest.hardlink_to(tmp)
@@ -848,17 +837,8 @@ def move_over(source: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        with atomic_target(dest) as tmp:
+        with atomic_path(dest) as tmp:
             copy_verified(source, tmp, None)
         source.unlink()
     fsync_dir(dest.parent)
     fsync_dir(source.parent)
-
-
-@contextlib.contextmanager
-def _temp_beside(final: Path) -> Iterator[Path]:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)

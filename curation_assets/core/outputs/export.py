@@ -18,7 +18,6 @@ Pure library: no Dagster import.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -26,8 +25,7 @@ import os
 import re
 import tarfile
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +34,7 @@ import polars as pl
 import xxhash
 from PIL import Image
 
+from curation_assets.core.atomic import atomic_path
 from curation_assets.core.filters.rotation import upright
 from curation_assets.core.ingest.formats import FORMAT_EXTENSIONS, extension_of, sniff_format
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
@@ -372,9 +371,9 @@ def write_manifest(plan: pl.DataFrame, out_dir: Path) -> dict[str, Path]:
     manifest = plan.join(extra, on="image_id", how="left").sort("split", "image_id")
     out_dir = Path(out_dir)
     paths = {"manifest": out_dir / MANIFEST_FILE, "files": out_dir / FILE_LIST}
-    with atomic_target(paths["manifest"]) as tmp:
+    with atomic_path(paths["manifest"]) as tmp:
         manifest.write_parquet(tmp)
-    with atomic_target(paths["files"]) as tmp:
+    with atomic_path(paths["files"]) as tmp:
         tmp.write_text("".join(f"{image_id}\n" for image_id in manifest["image_id"]), encoding="utf-8")
     return paths
 
@@ -382,28 +381,9 @@ def write_manifest(plan: pl.DataFrame, out_dir: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- atomic files
 
 
-@contextlib.contextmanager
-def atomic_target(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; fsync it and rename it into place if the body succeeds.
-
-    The body may write a file or create a link at the temporary path.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if not tmp.is_symlink():
-            fsync_file(tmp)
-        tmp.replace(final)
-    finally:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk (its bytes are safe before a rename makes the name visible)."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+# The name apply and retirement import; the helper itself lives in core.atomic (one for every writer).
+# It fsyncs before the rename, makes the folder, and takes a symlink or hardlink made at the temp path.
+atomic_target = atomic_path
 
 
 def hash_file(path: Path) -> str:
@@ -418,7 +398,8 @@ def hash_file(path: Path) -> str:
 def copy_verified(source: Path, dest: Path, expected_hash: str | None, *, sync: bool = True) -> str:
     """Copy ``source`` to ``dest`` (a new file), hashing while copying; the digest of the bytes copied.
 
-    ``sync=False`` leaves the fsync to the caller (:func:`atomic_target` does it before its rename).
+    ``sync=False`` leaves the fsync to the caller (:func:`~curation_assets.core.atomic.atomic_path` does it
+    before its rename).
 
     Raises :class:`OSError` when the bytes do not hash to ``expected_hash`` (the source changed
     since it was inventoried), so a stale file is never passed on as the planned one.
@@ -539,7 +520,7 @@ def _export_one(
                 log.record(item.out_rel, mode, 0)
             _skipped(summary, dest)
             return
-        with atomic_target(dest) as tmp:
+        with atomic_path(dest) as tmp:
             _make_link(tmp, source, mode)
         log.record(item.out_rel, mode, 0)  # links are logged too, so a later plan can remove them
         summary.written += 1
@@ -548,7 +529,7 @@ def _export_one(
     if _logged_ok(dest, log, recipe_text, item):
         _skipped(summary, dest)
         return
-    with atomic_target(dest) as tmp:
+    with atomic_path(dest) as tmp:
         if item.fmt is None and not is_member:
             copy_verified(source, tmp, item.content_hash, sync=False)
         else:
@@ -817,7 +798,7 @@ def _write_shard(
     members: list[dict[str, str]] = []
     written = fixed = 0
     _sidecar(tar_path).unlink(missing_ok=True)  # the tar is about to change: its record is void
-    with atomic_target(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for it in shard.items:
             try:
                 if it.error is not None:
@@ -834,7 +815,7 @@ def _write_shard(
             fixed += int(it.fmt is not None)
     size = tar_path.stat().st_size
     meta = {"fingerprint": fingerprint, "tar_bytes": size, "members": members, "failed": failed}
-    with atomic_target(_sidecar(tar_path)) as tmp:
+    with atomic_path(_sidecar(tar_path)) as tmp:
         tmp.write_text(json.dumps(meta), encoding="utf-8")
     summary.written += written
     summary.fixed += fixed

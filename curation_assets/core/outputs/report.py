@@ -12,6 +12,9 @@ section into :class:`ReportData`; :func:`render_report` writes
 - ``out_dir/thumbs/*.jpg``: small re-encoded thumbnails (never the originals, which may be
   huge or sit inside tar shards), EXIF orientation honoured.
 
+This module prepares what the page shows (the numbers in words, the plots, each image as a
+``data:`` URI or a link); the package-data template ``templates/report.html.j2`` lays it out.
+
 Every part except the funnel is optional: a stage that is off in the project (``None``)
 gets a one-line "off" section instead of empty plots. An example image that cannot be
 read becomes a placeholder carrying the error in its tooltip; it never stops the report.
@@ -21,10 +24,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from curation_assets.core.atomic import write_bytes, write_text, write_with
 from curation_assets.core.filters.rotation import upright
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
+from curation_assets.templates import render as render_template
 
 # matplotlib (and core.plots, which imports it) is imported inside the functions that plot:
 # assets/outputs/report.py imports this module, and loading the Definitions must stay cheap (issue 12).
@@ -327,7 +330,7 @@ def render_report(
     page = _Page(data, plots_dir, plots, thumbs, _Embedder(out_dir, embed_budget_bytes))
     body = page.render()
     html_path = out_dir / "report.html"
-    _write_atomic(html_path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+    write_text(html_path, body)
     return ReportFiles(
         html=html_path,
         plots=plots,
@@ -417,7 +420,7 @@ class _Thumbnails:
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=THUMB_QUALITY)
             encoded = buffer.getvalue()
-            _write_atomic(self.folder / name, lambda tmp: tmp.write_bytes(encoded))
+            write_bytes(self.folder / name, encoded, fsync=False)  # many, and remade by any re-render
         except Exception as exc:  # one bad example must not cost the whole report
             return _Thumb(error=f"cannot read {loc.source_path}: {describe_error(exc)}")
         return _Thumb(file=f"{self.folder.name}/{name}", data=encoded, width=image.width, height=image.height)
@@ -443,21 +446,7 @@ class _Embedder:
         return f"data:{mime};base64,{encoded}"
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temp name in the same folder and rename: no half-written file looks whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(write)}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- page
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 def _count(n: int | float) -> str:
@@ -528,8 +517,53 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()[:40] or "x"
 
 
+@dataclass
+class _Figure:
+    """One thumbnail as the page shows it: the picture (or why there is none) and its caption."""
+
+    image_id: str
+    side: int  # the figure's width: every thumbnail of a page sits in a box this wide
+    caption: str
+    src: str | None = None  # data: URI or relative link; None when the image could not be read
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+    badge: str = ""  # this section's verdict ("removed" / "kept"), its CSS class
+    verdict: str = ""  # the badge's words
+    final: str | None = None  # the image's fate in the decisions ("removed" / "kept"), when known
+
+    @property
+    def short(self) -> str:
+        return self.image_id.rsplit("/", 1)[-1]
+
+    @property
+    def lazy(self) -> bool:
+        # lazy loading only saves work for a linked file; an embedded one is already in the page
+        return self.src is not None and not self.src.startswith("data:")
+
+
+@dataclass
+class _Plot:
+    src: str
+    alt: str
+
+
+@dataclass
+class _Section:
+    """One section of the page. ``off``: the stage is off in the project (a one-line section)."""
+
+    key: str
+    title: str
+    note: str | None = None
+    off: bool = False
+    facts: list[str] = field(default_factory=list)  # one paragraph, joined by "; "
+    plot: _Plot | None = None
+    parts: dict[str, Any] = field(default_factory=dict)  # what only this kind of section shows
+
+
 class _Page:
-    """Builds the HTML text and the plots, section by section."""
+    """Prepares what the page shows, section by section (drawing the plots on the way); the
+    template ``report.html.j2`` lays it out."""
 
     def __init__(
         self, data: ReportData, plots_dir: Path, plots: dict[str, Path], thumbs: _Thumbnails, embed: _Embedder
@@ -546,29 +580,24 @@ class _Page:
     # -- page frame
 
     def render(self) -> str:
-        body = [
+        # In page order: images are embedded while the budget lasts, so the first ones seen win.
+        sections = [
             self._funnel(),
             self._near_duplicates(),
             self._filters(),
             self._rotation(),
             self._clusters(),
         ]
-        header = self._summary() + self._embedding_note()  # after the sections: it lists which were off
-        nav = " · ".join(f'<a href="#{key}">{_esc(title)}</a>' for key, title in SECTION_TITLES.items())
-        title = f"Curation report: {self.data.project}"
-        return "\n".join(
-            [
-                "<!DOCTYPE html>",
-                '<html lang="en"><head><meta charset="utf-8">',
-                '<meta name="viewport" content="width=device-width, initial-scale=1">',
-                f"<title>{_esc(title)}</title>",
-                f"<style>{_CSS}</style></head><body>",
-                f"<h1>{_esc(title)}</h1>",
-                f"<nav>{nav}</nav>",
-                header,
-                *body,
-                "</body></html>",
-            ]
+        # after the sections: the summary lists which were off and which notes they did not show
+        return render_template(
+            "report.html.j2",
+            title=f"Curation report: {self.data.project}",
+            nav=SECTION_TITLES,
+            summary=self._summary(),
+            embed_note=self._embedding_note(),
+            sections=sections,
+            count=_count,
+            percent=_percent,
         )
 
     def _embedding_note(self) -> str:
@@ -583,117 +612,81 @@ class _Page:
                 f" {_plural(self.embed.linked, 'image')} past the budget are linked from the plots/ and"
                 " thumbs/ folders next to this file: keep the folder with it to see them."
             )
-        return f'<p class="note embed">{_esc(text)}</p>'
+        return text
 
-    def _summary(self) -> str:
+    def _summary(self) -> dict[str, Any]:
         funnel = self.data.funnel
-        first, last = funnel[0].images_in, funnel[-1].kept
         biggest = max(funnel, key=lambda step: step.removed)
-        items = [
-            f"<li><b>{_count(first)}</b> images in, <b>{_count(last)}</b> kept"
-            f" ({_percent(last, first)} of the input), {_count(first - last)} removed.</li>"
-        ]
-        if biggest.removed:
-            items.append(
-                f"<li>Largest cut: {_esc(biggest.stage)}, {_count(biggest.removed)} images"
-                f" ({_percent(biggest.removed, biggest.images_in)} of those reaching it).</li>"
-            )
-        if self.stages_off:
-            items.append(f"<li>Stages off in this project: {_esc(', '.join(self.stages_off))}.</li>")
-        if self.thumbs.broken:
-            items.append(
-                f"<li>{_plural(len(self.thumbs.broken), 'example image')} could not be read;"
-                " they show as placeholders (hover for the error).</li>"
-            )
-        for key, text in self.data.notes.items():
-            if key not in self._used_notes:
-                items.append(f"<li>{_esc(key)}: {_esc(text)}</li>")
-        return '<section id="summary"><h2>Summary</h2><ul>' + "".join(items) + "</ul></section>"
+        broken = len(self.thumbs.broken)
+        return {
+            "first": funnel[0].images_in,
+            "last": funnel[-1].kept,
+            "biggest": biggest if biggest.removed else None,
+            "stages_off": ", ".join(self.stages_off),
+            "broken": _plural(broken, "example image") if broken else "",
+            "notes": [(key, text) for key, text in self.data.notes.items() if key not in self._used_notes],
+        }
 
-    def _open(self, key: str) -> list[str]:
+    def _open(self, key: str) -> _Section:
         self.sections.append(SECTION_TITLES[key])
-        return [f'<section id="{key}"><h2>{SECTION_TITLES[key]}</h2>', *self._note(key)]
+        return _Section(key, SECTION_TITLES[key], note=self._note(key))
 
-    def _off(self, key: str) -> str:
+    def _off(self, key: str) -> _Section:
         title = SECTION_TITLES[key]
         self.stages_off.append(title)
-        note = "".join(self._note(key))
-        return (
-            f'<section id="{key}" class="off"><h2>{title}</h2>'
-            f"<p>{title}: off in this project.</p>{note}</section>"
-        )
+        return _Section(key, title, note=self._note(key), off=True)
 
-    def _note(self, key: str) -> list[str]:
+    def _note(self, key: str) -> str | None:
         if key not in self.data.notes:
-            return []
+            return None
         self._used_notes.add(key)
-        return [f'<p class="note">{_esc(self.data.notes[key])}</p>']
+        return self.data.notes[key]
 
-    def _plot(self, key: str, name: str, draw: Callable[[Path], None], alt: str) -> str:
+    def _plot(self, key: str, name: str, draw: Callable[[Path], None], alt: str) -> _Plot:
         path = self.plots_dir / name
-        _write_atomic(path, draw)
+        # plots are rebuilt by the next render: no fsync, as for the thumbnails
+        write_with(path, draw, fsync=False)
         self.plots[key] = path
-        src = self.embed.src(path.read_bytes(), "image/png", f"{self.plots_dir.name}/{name}")
-        return f'<img class="plot" src="{src}" alt="{_esc(alt)}">'
+        return _Plot(self.embed.src(path.read_bytes(), "image/png", f"{self.plots_dir.name}/{name}"), alt)
 
     def _figure(
         self, loc: ImageLoc, caption: str, turn: int | None = None, badge: str = "", verdict: str = ""
-    ) -> str:
+    ) -> _Figure:
         """A thumbnail; ``badge`` ("removed"/"kept") is this section's verdict, labelled ``verdict``
         (default: the badge itself); the final decision, when known, gets its own outlined badge."""
         thumb = self.thumbs.get(loc, turn)
-        side = self.thumbs.side
-        badge_html = f'<span class="badge {_esc(badge)}">{_esc(verdict or badge)}</span>' if badge else ""
+        figure = _Figure(loc.image_id, self.thumbs.side, caption, badge=badge, verdict=verdict or badge)
         if loc.final is not None:
-            final = "removed" if loc.final == "remove" else "kept"
-            badge_html += f'<span class="badge final {final}">final: {final}</span>'
+            figure.final = "removed" if loc.final == "remove" else "kept"
         if thumb.file is None:
-            picture = (
-                f'<div class="placeholder" style="width:{side}px;height:{side}px"'
-                f' title="{_esc(loc.image_id)}: {_esc(thumb.error)}">unreadable</div>'
-            )
+            figure.error = thumb.error
         else:
-            src = self.embed.src(thumb.data, "image/jpeg", thumb.file)
-            # lazy loading only saves work for a linked file; an embedded one is already in the page
-            lazy = "" if src.startswith("data:") else ' loading="lazy"'
-            picture = (
-                f'<img src="{src}" width="{thumb.width}" height="{thumb.height}"'
-                f' alt="{_esc(loc.image_id)}" title="{_esc(loc.image_id)}"{lazy}>'
-            )
-        short = loc.image_id.rsplit("/", 1)[-1]
-        return (
-            f'<figure style="width:{side}px">{picture}<figcaption>{badge_html}{_esc(caption)}'
-            f'<span class="id" title="{_esc(loc.image_id)}">{_esc(short)}</span></figcaption></figure>'
-        )
+            figure.src = self.embed.src(thumb.data, "image/jpeg", thumb.file)
+            figure.width, figure.height = thumb.width, thumb.height
+        return figure
 
     # -- sections
 
-    def _funnel(self) -> str:
+    def _funnel(self) -> _Section:
         steps = self.data.funnel
-        first = steps[0].images_in
-        chain = " → ".join([_count(first), *(_count(step.kept) for step in steps)])
-        rows = "".join(
-            f"<tr><td>{_esc(step.stage)}</td><td>{_count(step.images_in)}</td>"
-            f"<td>{_count(step.removed)}</td><td>{_percent(step.removed, step.images_in)}</td>"
-            f"<td>{_count(step.kept)}</td><td>{_percent(step.kept, first)}</td></tr>"
-            for step in steps
-        )
-        table = (
-            "<table><thead><tr><th>stage</th><th>images in</th><th>removed</th><th>% of stage input</th>"
-            f"<th>kept</th><th>% of all input</th></tr></thead><tbody>{rows}</tbody></table>"
-        )
-        plot = self._plot(
+        section = self._open("funnel")
+        section.parts = {
+            "chain": " → ".join([_count(steps[0].images_in), *(_count(step.kept) for step in steps)]),
+            "steps": steps,
+            "first": steps[0].images_in,
+        }
+        section.plot = self._plot(
             "funnel", "funnel.png", lambda p: _funnel_plot(steps, p), "images left after each stage"
         )
-        return "\n".join([*self._open("funnel"), f'<p class="chain">{chain}</p>', table, plot, "</section>"])
+        return section
 
-    def _near_duplicates(self) -> str:
+    def _near_duplicates(self) -> _Section:
         data = self.data
         if data.near_dup_distances is None and not (
             data.duplicate_groups or data.near_pairs_below or data.near_pairs_above
         ):
             return self._off("near_duplicates")
-        parts = self._open("near_duplicates")
+        section = self._open("near_duplicates")
         threshold = data.near_dup_threshold
         if data.near_dup_distances is not None:
             distances = np.asarray(data.near_dup_distances, dtype=np.float64).ravel()
@@ -713,42 +706,32 @@ class _Page:
             drawn, clipped = clip_tails(distances, threshold)
             if clipped:
                 facts.append(clipped)
-            parts.append(f"<p>{_esc('; '.join(facts))}.</p>")
-            parts.append(
-                self._plot(
-                    "near_duplicates",
-                    "near_duplicates.png",
-                    # Pairs under the threshold are grouped; removal happens per group, not per pair.
-                    lambda p: _distance_histogram(drawn, threshold, p),
-                    "histogram of pair distances with the threshold",
-                )
+            section.facts = facts
+            section.plot = self._plot(
+                "near_duplicates",
+                "near_duplicates.png",
+                # Pairs under the threshold are grouped; removal happens per group, not per pair.
+                lambda p: _distance_histogram(drawn, threshold, p),
+                "histogram of pair distances with the threshold",
             )
-        groups = data.duplicate_groups
-        if groups:
-            parts.append(f"<h3>Example groups ({_count(len(groups))})</h3>")
-            for number, group in enumerate(groups, start=1):
-                figures = [self._figure(group.keeper, "keeper", badge="kept")]
-                figures += [
-                    self._figure(member, f"d = {_dist(distance)}", badge="removed")
-                    for member, distance in group.members
-                ]
-                parts.append(
-                    f'<div class="group"><div class="label">group {number}:'
-                    f" {_plural(len(group.members), 'duplicate')}</div>"
-                    f'<div class="grid">{"".join(figures)}</div></div>'
-                )
-        else:
-            parts.append("<p>No example groups.</p>")
-        parts += self._near_pairs()
-        parts.append("</section>")
-        return "\n".join(parts)
+        groups = []
+        for number, group in enumerate(data.duplicate_groups, start=1):
+            figures = [self._figure(group.keeper, "keeper", badge="kept")]
+            figures += [
+                self._figure(member, f"d = {_dist(distance)}", badge="removed")
+                for member, distance in group.members
+            ]
+            groups.append(
+                {"label": f"group {number}: {_plural(len(group.members), 'duplicate')}", "figures": figures}
+            )
+        section.parts = {"groups": groups, "pairs": self._near_pairs()}
+        return section
 
-    def _near_pairs(self) -> list[str]:
+    def _near_pairs(self) -> dict[str, Any] | None:
         data = self.data
         if not (data.near_pairs_below or data.near_pairs_above):
-            return []
-        threshold = "" if data.near_dup_threshold is None else f" {_dist(data.near_dup_threshold)}"
-        parts = [f"<h3>Pairs either side of the threshold{threshold}</h3>"]
+            return None
+        sides = []
         for label, pairs, badge, verdict in (
             ("Just under it: grouped, one of each group kept", data.near_pairs_below, "removed", "grouped"),
             (
@@ -758,28 +741,26 @@ class _Page:
                 "kept",
             ),
         ):
-            parts.append(f"<h4>{label} ({_count(len(pairs))})</h4>")
-            for pair in pairs:
-                figures = [
+            figures = [
+                [
                     self._figure(loc, f"d = {_dist(pair.distance)}", badge=badge, verdict=verdict)
                     for loc in (pair.a, pair.b)
                 ]
-                parts.append(f'<div class="pair">{"".join(figures)}</div>')
-            if not pairs:
-                parts.append("<p>None.</p>")
-        return parts
+                for pair in pairs
+            ]
+            sides.append({"label": label, "pairs": figures})
+        threshold = data.near_dup_threshold
+        return {"threshold": "" if threshold is None else f" {_dist(threshold)}", "sides": sides}
 
-    def _filters(self) -> str:
+    def _filters(self) -> _Section:
         filters = self.data.filters
         if not filters:
             return self._off("filters")
-        parts = self._open("filters")
-        for number, section in enumerate(filters):
-            parts.append(self._filter(number, section))
-        parts.append("</section>")
-        return "\n".join(parts)
+        section = self._open("filters")
+        section.parts = {"filters": [self._filter(number, one) for number, one in enumerate(filters)]}
+        return section
 
-    def _filter(self, number: int, section: FilterSection) -> str:
+    def _filter(self, number: int, section: FilterSection) -> dict[str, Any]:
         from curation_assets.core.outputs.plots import histogram_plot
 
         values = section.values
@@ -810,19 +791,18 @@ class _Page:
         drawn, clipped = clip_tails(finite, section.threshold)
         if clipped:
             facts.append(clipped)
+        note = self._note(section.name)
         plot = self._plot(
             f"filter:{section.name}",
             f"filter_{number}_{_slug(section.name)}.png",
             lambda p: histogram_plot(drawn, section.threshold, p, section.name, "score", section.removes),
             f"histogram of {section.name} scores with the threshold",
         )
-        parts = [f'<div class="filter"><h3>{_esc(section.name)}</h3>', *self._note(section.name)]
-        parts += [f"<p>{_esc('; '.join(facts))}.</p>", plot]
+        sides = []
         for label, examples in (
             ("Just below the threshold", section.below),
             ("At or just above the threshold", section.above),
         ):
-            parts.append(f"<h4>{label} ({_count(len(examples))})</h4>")
             figures = [
                 self._figure(
                     loc,
@@ -831,43 +811,39 @@ class _Page:
                 )
                 for loc, score in examples
             ]
-            parts.append(f'<div class="grid">{"".join(figures)}</div>' if figures else "<p>None.</p>")
-        parts.append("</div>")
-        return "\n".join(parts)
+            sides.append({"label": label, "figures": figures})
+        return {"name": section.name, "note": note, "facts": facts, "plot": plot, "sides": sides}
 
-    def _rotation(self) -> str:
+    def _rotation(self) -> _Section:
         examples = self.data.rotations
         if examples is None:
             return self._off("rotation")
-        parts = self._open("rotation")
+        section = self._open("rotation")
         by_angle: dict[int, int] = {}
         for example in examples:
             by_angle[example.angle] = by_angle.get(example.angle, 0) + 1
-        if examples:
-            counts = ", ".join(f"{_count(n)} turned {angle}°" for angle, n in sorted(by_angle.items()))
-            parts.append(
-                f"<p>{_plural(len(examples), 'example')}: {counts}. Left: as stored; right: corrected.</p>"
+        counts = ", ".join(f"{_count(n)} turned {angle}°" for angle, n in sorted(by_angle.items()))
+        pairs = [
+            (
+                self._figure(example.image, "as stored", turn=0),
+                self._figure(
+                    example.image,
+                    f"turned back {example.angle}°, p = {example.probability:.3f}",
+                    turn=example.angle,
+                ),
             )
-        else:
-            parts.append("<p>No rotated images found.</p>")
-        for example in examples:
-            before = self._figure(example.image, "as stored", turn=0)
-            after = self._figure(
-                example.image,
-                f"turned back {example.angle}°, p = {example.probability:.3f}",
-                turn=example.angle,
-            )
-            parts.append(f'<div class="pair">{before}<span class="arrow">→</span>{after}</div>')
-        parts.append("</section>")
-        return "\n".join(parts)
+            for example in examples
+        ]
+        section.parts = {"examples": _plural(len(examples), "example"), "counts": counts, "pairs": pairs}
+        return section
 
-    def _clusters(self) -> str:
-        section = self.data.clusters
-        if section is None:
+    def _clusters(self) -> _Section:
+        clusters = self.data.clusters
+        if clusters is None:
             return self._off("clusters")
-        parts = self._open("clusters")
-        samples = _as_counts(section.samples_per_cluster)
-        sizes = _as_counts(section.sizes) if section.sizes is not None else None
+        section = self._open("clusters")
+        samples = _as_counts(clusters.samples_per_cluster)
+        sizes = _as_counts(clusters.sizes) if clusters.sizes is not None else None
         sampled = np.array(list(samples.values()), dtype=np.int64)
         facts = [f"{_count(len(samples))} clusters", f"{_count(sampled.sum())} images sampled"]
         if len(sampled):
@@ -884,27 +860,21 @@ class _Page:
                 f" max {_count(sizes_arr.max() if len(sizes_arr) else 0)}"
             )
             facts.append(f"{_plural(full, 'cluster')} taken whole")
-        parts.append(f"<p>{_esc('; '.join(facts))}.</p>")
-        parts.append(
-            self._plot(
-                "clusters",
-                "clusters.png",
-                lambda p: _cluster_plot(samples, sizes, p),
-                "samples per cluster",
-            )
+        section.facts = facts
+        section.plot = self._plot(
+            "clusters", "clusters.png", lambda p: _cluster_plot(samples, sizes, p), "samples per cluster"
         )
-        if section.examples:
-            parts.append(f"<h3>Example images per cluster ({_count(len(section.examples))} clusters)</h3>")
-        for cluster in sorted(section.examples):
+        groups = []
+        for cluster in sorted(clusters.examples):
             size = "" if sizes is None else f"{_count(sizes.get(cluster, 0))} images, "
-            label = f"cluster {cluster}: {size}{_count(samples.get(cluster, 0))} sampled"
-            figures = "".join(self._figure(loc, "") for loc in section.examples[cluster])
-            parts.append(
-                f'<div class="group"><div class="label">{_esc(label)}</div>'
-                f'<div class="grid">{figures}</div></div>'
+            groups.append(
+                {
+                    "label": f"cluster {cluster}: {size}{_count(samples.get(cluster, 0))} sampled",
+                    "figures": [self._figure(loc, "") for loc in clusters.examples[cluster]],
+                }
             )
-        parts.append("</section>")
-        return "\n".join(parts)
+        section.parts = {"groups": groups}
+        return section
 
 
 def _filter_badge(removes: bool) -> dict[str, str]:
@@ -1008,28 +978,3 @@ def _save(figure: Any, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, format="png", bbox_inches="tight")  # keeps a legend placed outside the axes
     plt.close(figure)
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
-padding:0 1em;color:#222;line-height:1.4}
-h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-nav a{margin:0 .3em}section.off{color:#777}.note{font-style:italic;color:#555}
-.chain{font-size:1.25em;font-weight:600;font-variant-numeric:tabular-nums}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}th:first-child,td:first-child{text-align:left}
-thead{background:#f3f3f3}img.plot{max-width:100%;display:block;margin:.6em 0}
-.grid{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-end}
-figure{margin:0;font-size:11px;text-align:center;overflow:hidden}
-figure img{display:block;margin:0 auto;border:1px solid #ddd}
-figcaption{overflow-wrap:anywhere}
-.id{display:block;color:#777;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.placeholder{display:flex;align-items:center;justify-content:center;background:#eee;color:#a00;
-border:1px dashed #a00;box-sizing:border-box;margin:0 auto}
-.badge{display:inline-block;padding:0 .35em;margin-right:.3em;border-radius:3px;color:#fff;font-size:10px}
-.badge.removed{background:#c0392b}.badge.kept{background:#27ae60}
-.badge.final{background:#fff;border:1px solid}
-.badge.final.removed{color:#c0392b}.badge.final.kept{color:#1e8449}
-.group{margin:.8em 0;padding:.4em;border:1px solid #eee}.label{font-weight:600;margin-bottom:.3em}
-.pair{display:inline-flex;align-items:center;gap:6px;margin:6px 14px 6px 0}.arrow{font-size:1.5em;color:#777}
-"""
