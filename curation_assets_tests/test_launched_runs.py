@@ -281,3 +281,29 @@ def test_headless_runner_launches_shard_and_global_runs(launched: Launched):
     assert all(r.remote_job_origin is not None for r in runs)
     again = materialize_project(env.project, env.runs, env.instance, run_global=False, echo=lambda _: None)
     assert again.shards_run == [] and sorted(again.shards_skipped) == ["s1", "s2"]
+
+
+def test_one_output_of_the_shard_pass_materializes_alone_in_a_launched_run(launched: Launched):
+    """The shard pass is one multi-asset that can be subset: a launched run of quality_scores alone
+    rewrites it (the same scores), materializes nothing else and leaves the other outputs as they are."""
+    env = launched
+    write_shard(env.images, "one", 12, seed=7)
+    env.instance.add_dynamic_partitions(partitions_name(env.project), ["one"])
+    first = env.runs.run(shard_job_name(env.project), partition_key="one")
+    assert first.success, first.message
+    store = StoreResource().for_project(env.project)
+    quality = store.shard_path(QUALITY, "one")
+    before = pl.read_parquet(quality)
+    others = (SANITIZED, "sscd_embeddings", "semantic_embeddings")
+    stamps = {name: store.shard_path(name, "one").stat().st_mtime_ns for name in others}
+    quality.unlink()
+
+    key = dg.AssetKey([env.project.name, QUALITY])
+    outcome = env.runs.run(shard_job_name(env.project), partition_key="one", asset_keys=[key])
+    assert outcome.success, outcome.message
+    assert pl.read_parquet(quality).equals(before)
+    assert {name: store.shard_path(name, "one").stat().st_mtime_ns for name in others} == stamps
+    records = env.instance.get_records_for_run(
+        outcome.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    assert {r.event_log_entry.dagster_event.asset_key for r in records} == {key}

@@ -16,8 +16,8 @@ ahead of the models. Batching by shape, autocast, pinned memory and the out-of-m
 back-off are those of :class:`~curation_assets.core.embed.embed.BatchRunner`.
 
 When sanitize is not part of a pass (its table is current and only, say, one model
-changed), kept images are decoded with JPEG draft mode at the smallest size the plan
-needs, as the stage-by-stage path did.
+changed), the kept images are decoded the same way, in full: an output is the same whether
+it was made with the others or alone.
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# Imported here, not lazily: the fork server preloads this module, so its workers start with
+# torch (their resize kernels) already imported instead of importing it once per pool.
+import torch
 from PIL import Image
 
-from curation_assets.core.filters.quality import draft_size, working_image
+from curation_assets.core.embed.preprocess import Preprocessing
+from curation_assets.core.filters.quality import working_image
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.ingest.sanitize import (
     _Rules,
@@ -44,7 +49,6 @@ from curation_assets.core.pool import map_chunks
 
 if TYPE_CHECKING:
     from curation_assets.core.embed.embed import ComputeSettings
-    from curation_assets.core.embed.preprocess import Preprocessing
 
 Progress = Callable[[int, int, float], None]
 # A per-image stage: ``function(image_id, working copy) -> row``, module level (workers import it),
@@ -56,15 +60,13 @@ PerImage = Callable[[str, Image.Image], Any]
 
 @dataclass(frozen=True, slots=True)
 class PassItem:
-    """One file of the shard: where its bytes are and, when sanitize is not re-run, its kept size."""
+    """One file of the shard: where its bytes are."""
 
     image_id: str
     source_path: str
     offset: int | None = None
     size: int | None = None
     name: str = ""  # file or member name, for the extension the sanitize checks read
-    width: int | None = None  # from the stored sanitize table (draft decoding), when not re-sanitized
-    height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,17 +80,6 @@ class PassPlan:
     sanitize: _Rules | None
     per_image: tuple[tuple[str, PerImage], ...] = ()  # (stage name, function) on the working copy
     inputs: tuple[Preprocessing, ...] = ()
-
-    def draft_size(self, width: int | None, height: int | None) -> tuple[int, int] | None:
-        """The smallest decode every consumer can still work from (JPEG draft), None: full size."""
-        if self.sanitize is not None or not width or not height:
-            return None  # sanitize needs the full decode: it is what catches truncated data
-        sizes = [prep.draft_size(width, height) for prep in self.inputs]
-        if self.per_image:
-            sizes.append(draft_size(width, height) or (width, height))
-        if not sizes:
-            return None
-        return max(w for w, _ in sizes), max(h for _, h in sizes)
 
 
 @dataclass(slots=True)
@@ -110,8 +101,6 @@ def _single_threaded_torch() -> None:
     """Worker processes resize with torch: one thread each, the pool is the parallelism."""
     global _THREADS_SET
     if not _THREADS_SET:
-        import torch
-
         torch.set_num_threads(1)
         _THREADS_SET = True
 
@@ -128,10 +117,15 @@ def _derived(image_id: str, image: Image.Image, plan: PassPlan) -> ItemOutput:
     if plan.inputs:
         _single_threaded_torch()
         try:
-            out.pixels = tuple(prep.to_tensor(_reduced(image, prep)).numpy() for prep in plan.inputs)
+            out.pixels = tuple(model_input(image, prep).numpy() for prep in plan.inputs)
         except Exception as exc:  # recorded for this image, never a failed chunk
             out.error = f"preprocessing: {describe_error(exc)}"
     return out
+
+
+def model_input(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """A model's uint8 input (3 x H x W) made from a decoded picture, as the pass makes it."""
+    return prep.to_tensor(_reduced(image, prep))
 
 
 def _reduced(image: Image.Image, prep: Preprocessing) -> Image.Image:
@@ -155,7 +149,7 @@ def _process(item: PassItem, plan: PassPlan) -> ItemOutput:
         return ItemOutput(error=describe_error(exc))
     if plan.sanitize is None:
         try:
-            image = load_rgb(data, draft_size=plan.draft_size(item.width, item.height))
+            image = load_rgb(data)
         except Exception as exc:  # the file changed or broke since sanitize: recorded, not fatal
             return ItemOutput(error=describe_error(exc))
         row = None
@@ -279,8 +273,6 @@ class _Batcher:
         return self.outputs
 
     def _run(self, key: tuple[int, tuple[int, ...]]) -> None:
-        import torch
-
         group = self.waiting.pop(key, [])
         if not group:
             return

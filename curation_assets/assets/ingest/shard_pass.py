@@ -8,9 +8,10 @@ one ``AssetSpec`` per stage (its own key, group, lineage, metadata and checks) a
 
 What runs is decided per output by its input signature: an output whose signature is
 current is reported, not recomputed; when only one model changed, only that model's
-vectors are recomputed (from a draft decode of the kept images: sanitize is then current
-and not re-run). When sanitize itself is stale (new files, changed rules), the pass re-runs
-it together with every selected output, since they all read its kept images.
+vectors are recomputed (sanitize is then current and not re-run; the kept images are
+decoded the same way, so an output is the same made alone or with the others). When
+sanitize itself is stale (new files, changed rules), the pass re-runs it together with
+every selected output, since they all read its kept images.
 """
 
 import importlib
@@ -183,15 +184,10 @@ def _run(
         rows = inventory.filter(pl.col("is_image")).select(
             "image_id", "source_path", "offset", "size_bytes", "rel_path"
         )
-        items = [PassItem(r[0], r[1], r[2], r[3], r[4]) for r in rows.iter_rows()]
+        items = [PassItem(*row) for row in rows.iter_rows()]
     else:
-        rows = kept_images(store, shard)
-        items = [
-            PassItem(
-                r["image_id"], r["source_path"], r["offset"], r["size_bytes"], "", r["width"], r["height"]
-            )
-            for r in rows.iter_rows(named=True)
-        ]
+        rows = kept_images(store, shard).select("image_id", "source_path", "offset", "size_bytes")
+        items = [PassItem(*row) for row in rows.iter_rows()]
     inputs = tuple(dict.fromkeys(m.preprocessing for m in pass_models))
     per_image = tuple(
         (s.name, _function(s.decode.per_image)) for s in todo if s.decode and s.decode.per_image
