@@ -25,8 +25,8 @@ import polars as pl
 from PIL import Image
 
 from curation_assets.core.filters.rules import FilterRule
-from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.pool import map_chunks, usable_cores
+from curation_assets.core.ingest.images import describe_error
+from curation_assets.core.pool import usable_cores
 
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.ingest.images import ImageRef
@@ -137,26 +137,8 @@ def quality_metrics(image: Image.Image) -> dict[str, float]:
 # ----------------------------------------------------------------------------- one image
 
 
-def draft_size(width: int | None, height: int | None, side: int = WORK_SIDE) -> tuple[int, int] | None:
-    """The size to ask JPEG draft mode for so that the decode is still at least the working size."""
-    if not width or not height or width <= 0 or height <= 0:
-        return None  # unknown size: decode in full (slower, same scores)
-    scale = min(1.0, side / max(width, height))
-    return max(1, int(width * scale)), max(1, int(height * scale))
-
-
 def _empty_row(image_id: str, error: str) -> dict[str, Any]:
     return {"image_id": image_id, **dict.fromkeys(SCORE_NAMES), "error": error}
-
-
-def score_ref(ref: ImageRef) -> dict[str, Any]:
-    """One row of :data:`QUALITY_COLUMNS` for ``ref``; a failure is recorded in ``error``, never raised."""
-    try:
-        data = read_bytes(ref.source_path, ref.offset, ref.size)
-        image = load_rgb(data, draft_size=draft_size(ref.width, ref.height))
-    except Exception as exc:  # a file changed or broke since sanitize: recorded, not fatal
-        return _empty_row(ref.image_id, describe_error(exc))
-    return score_image(ref.image_id, image)
 
 
 def score_image(image_id: str, image: Image.Image) -> dict[str, Any]:
@@ -173,22 +155,9 @@ def score_image(image_id: str, image: Image.Image) -> dict[str, Any]:
     return row
 
 
-def _score_chunk(refs: tuple[ImageRef, ...]) -> list[dict[str, Any]]:
-    """Worker entry point (module level so that forkserver/spawn workers can import it)."""
-    return [score_ref(ref) for ref in refs]
-
-
 # ----------------------------------------------------------------------------- many images
 
 Progress = Callable[[int, "int | None", "float | None"], None]
-
-
-def _error_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
-    return _empty_row(ref.image_id, describe_error(exc))
-
-
-def _died_row(ref: ImageRef, exc: BaseException) -> dict[str, Any]:
-    return _empty_row(ref.image_id, "the worker process died scoring this image")
 
 
 def score_images(
@@ -199,25 +168,25 @@ def score_images(
 ) -> pl.DataFrame:
     """Quality scores of ``refs`` as a :data:`QUALITY_COLUMNS` frame, one row per ref in ``refs`` order.
 
-    ``workers``: decode processes; 0 = one per CPU core, 1 = in this process (as the
-    sanitize stage counts them). Workers read the bytes themselves (only paths cross
-    process boundaries), take ``chunk_size`` images per task, and at most four tasks per
-    worker are queued, so memory stays bounded on large shards. An image that fails gets
-    null scores and an ``error``; one that kills its worker process is found by scoring
-    the lost images one at a time, and gets an error saying so. ``progress(done, total,
-    images_per_second)`` is called after each task. The worker processes live for this
-    call only (:func:`~curation_assets.core.pool.map_chunks`).
+    The scores the ``quality_scores`` asset stores, computed the same way: each image read and
+    decoded by the shard pass (:mod:`~curation_assets.core.shard_pass`) and scored on its
+    working copy. ``workers``: decode processes; 0 = one per CPU core, 1 = in this process.
+    An image that fails, or that kills its worker process, gets null scores and an ``error``.
+    ``progress(done, total, images_per_second)`` is called after each chunk.
     """
-    rows = map_chunks(
-        refs,
-        _score_chunk,
+    from curation_assets.core.shard_pass import PassItem, PassPlan, run_pass
+
+    out = run_pass(
+        [PassItem(ref.image_id, ref.source_path, ref.offset, ref.size) for ref in refs],
+        PassPlan(None, (("quality", score_image),)),
         workers=int(workers) if workers > 0 else usable_cores(),
         chunk_size=chunk_size,
-        in_flight_per_worker=4,
-        failed_row=_error_row,
-        died_row=_died_row,
         progress=progress,
     )
+    rows = [
+        row if row is not None else _empty_row(ref.image_id, error or "not processed")
+        for ref, row, error in zip(refs, out.rows["quality"], out.errors, strict=True)
+    ]
     return scores_frame(rows)
 
 
@@ -367,6 +336,5 @@ __all__ = [
     "quality_metrics",
     "quality_rules",
     "score_images",
-    "score_ref",
     "working_image",
 ]

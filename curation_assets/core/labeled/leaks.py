@@ -40,7 +40,6 @@ import polars as pl
 
 from curation_assets.core.dedup.index import VectorIndex, find_pairs, prepare
 from curation_assets.core.labeled.phash import (  # noqa: F401  (re-exported: leak detection's hashes)
-    DRAFT_SIZE,
     HASH_BITS,
     HASH_BLOCK,
     HASH_SIZE,

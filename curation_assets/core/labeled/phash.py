@@ -13,8 +13,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
-from curation_assets.core.pool import map_chunks
+from curation_assets.core.ingest.images import describe_error
 
 if TYPE_CHECKING:  # decode imports torch: hashing workers should not pay for it
     from curation_assets.core.ingest.images import ImageRef
@@ -22,7 +21,6 @@ if TYPE_CHECKING:  # decode imports torch: hashing workers should not pay for it
 HASH_BITS = 64
 HASH_SIZE = 32  # side of the grey thumbnail the DCT is taken of
 HASH_BLOCK = 8  # the lowest 8 x 8 frequencies give the 64 bits
-DRAFT_SIZE = (HASH_SIZE * 2, HASH_SIZE * 2)  # JPEG draft decode: plenty for a 32 px thumbnail
 
 HASHES_SCHEMA: dict[str, pl.DataType] = {
     "image_id": pl.String(),
@@ -59,34 +57,12 @@ def hamming_distance(a: int, b: int) -> int:
     return (int(a) ^ int(b)).bit_count()
 
 
-def _hash_one(ref: ImageRef) -> tuple[str, int | None, str | None]:
-    try:
-        data = read_bytes(ref.source_path, ref.offset, ref.size)
-        image = load_rgb(data, draft_size=DRAFT_SIZE)
-    except Exception as exc:  # one unreadable image is a recorded error, never a failed batch
-        return ref.image_id, None, describe_error(exc)
-    return hash_row(ref.image_id, image)
-
-
 def hash_row(image_id: str, image: Image.Image) -> tuple[str, int | None, str | None]:
     """(image_id, phash, error) of a decoded image; a failure is recorded, never raised."""
     try:
         return image_id, perceptual_hash(image), None
     except Exception as exc:
         return image_id, None, describe_error(exc)
-
-
-def _hash_batch(batch: Sequence[ImageRef]) -> list[tuple[str, int | None, str | None]]:
-    """Worker entry point (module level so that forkserver/spawn workers can import it)."""
-    return [_hash_one(ref) for ref in batch]
-
-
-def _failed_hash(ref: ImageRef, exc: BaseException) -> tuple[str, int | None, str | None]:
-    return ref.image_id, None, describe_error(exc)
-
-
-def _died_hash(ref: ImageRef, exc: BaseException) -> tuple[str, int | None, str | None]:
-    return ref.image_id, None, "the worker process died while hashing this image"
 
 
 def hash_images(
@@ -97,28 +73,28 @@ def hash_images(
 ) -> pl.DataFrame:
     """image_id, phash (UInt64, null on failure), error: the perceptual hash of every ref.
 
-    Decoding uses JPEG draft mode (a 32 px thumbnail needs no full-size decode), the same
-    read path as every other stage (:func:`load_rgb`: EXIF orientation applied, RGB).
-    ``workers`` > 1 hashes in that many processes started for this call
-    (:func:`~curation_assets.core.pool.map_chunks`); the output is the same and in the order
-    of ``refs``. An image that kills its worker process gets a null hash and an error
-    saying so. ``progress(done, total)`` is called first with 0, then as batches finish.
+    The hashes the ``perceptual_hashes`` asset stores, computed the same way: each image read
+    and decoded by the shard pass (:mod:`~curation_assets.core.shard_pass`, EXIF orientation
+    applied, RGB) and hashed from its 256 px working copy, in ``workers`` processes started
+    for this call (0 or 1: in this process); the rows are in the order of ``refs``. An image
+    that cannot be read, or that kills its worker process, gets a null hash and an error.
+    ``progress(done, total)`` is called first with 0, then as batches finish.
     """
+    from curation_assets.core.shard_pass import PassItem, PassPlan, run_pass
 
-    def report(done: int, total: int, images_per_second: float) -> None:
-        if progress:  # the runner also reports a rate; this callback takes (done, total)
-            progress(done, total)
-
-    report(0, len(refs), 0.0)
-    rows = map_chunks(
-        refs,
-        _hash_batch,
+    if progress:
+        progress(0, len(refs))
+    out = run_pass(
+        [PassItem(ref.image_id, ref.source_path, ref.offset, ref.size) for ref in refs],
+        PassPlan(None, (("phash", hash_row),)),
         workers=max(1, workers),
         chunk_size=batch_size,
-        failed_row=_failed_hash,
-        died_row=_died_hash,
-        progress=report,
+        progress=(lambda done, total, _rate: progress(done, total)) if progress else None,
     )
+    rows = [
+        row if row is not None else (ref.image_id, None, error or "not processed")
+        for ref, row, error in zip(refs, out.rows["phash"], out.errors, strict=True)
+    ]
     return hashes_frame(rows)
 
 
