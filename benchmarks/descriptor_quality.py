@@ -1,6 +1,25 @@
-"""Quality and speed of the built-in weight-free descriptor on a generated demo pool.
+"""Quality and speed of the built-in weight-free descriptor on the demo pool and a held-out corpus.
 
     python benchmarks/descriptor_quality.py [--demo DIR] [--images N] [--seed S] [--stress N]
+        [--heldout-bases N] [--threshold T]
+
+Two corpora, each embedded as the pipeline does (JPEG draft decode, the copy variant's
+preprocessing with its border crop), centred on its own mean and L2-normalised:
+
+- ``heldout``: :mod:`curation_assets.demo.heldout` (150 bases >= 400 px by default, two
+  copies each by edits the demo does not plant, adjacent-tile hard negatives): pair recall
+  and precision at ``--threshold`` (the demo project's near-duplicate threshold, 0.1),
+  recall per edit, the best recall at precision >= 0.98, hard-negative pairs grouped;
+- ``demo_pairs``: the same pair scoring on the demo pool's planted copies (near duplicates
+  per transform, byte and pixel copies), every other pair of its photo-like images counting
+  as a false one unless both derive from one base.
+
+Both also score ``dct_hash_dihedral``, a reference that is not part of the project: a DCT
+perceptual hash (pHash as published) matched over 8 dihedral orientations, as PDQ-based
+tools match, at <= 10 of 64 bits; on the held-out corpus also ``pdq_dihedral`` (Meta's PDQ
+through the pdqhash package, <= 31 of 256 bits) when pdqhash is installed.
+
+Then, on the demo pool only (``--heldout-bases 0`` skips the held-out corpus):
 
 Generates a demo pool (1500 images by default; ``--demo`` reuses or creates one in DIR),
 embeds every photo-like image and the category example images with the descriptor, centres
@@ -11,7 +30,7 @@ then reports cosine distances:
   random pairs of different bases, overall and per transform (with median / max distance
   and the share whose nearest base is their source); byte, pixel, rotated and quality
   copies are listed for information;
-- ``content_grouping``: per unwanted category, the min distance of each image to the
+- ``content_grouping`` (the ``content`` variant): per unwanted category, the min distance of each image to the
   category's 8 examples, members against natural photos (bases): AUC, the threshold for
   90% recall and the photo false-positive rate there, the threshold for a 5% photo rate
   and the recall there, and their midpoint with its recall and photo rate;
@@ -44,11 +63,19 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from curation_assets.core.embed.descriptor import (
     DESCRIPTOR_INPUT_SIZE,
+    VARIANT_VERSIONS,
     ImageDescriptor,
     descriptor_preprocessing,
 )
 from curation_assets.core.ingest.images import load_rgb, read_bytes
-from curation_assets.demo.pool import CATEGORIES, generate_demo
+from curation_assets.demo.heldout import (
+    HELDOUT_TRANSFORMS,
+    centred,
+    generate_heldout,
+    score_distances,
+    score_pairs,
+)
+from curation_assets.demo.pool import CATEGORIES, NEAR_DUPLICATE_TRANSFORMS, generate_demo
 
 PHOTO_KINDS = ("base", "byte_copy", "pixel_copy", "near_duplicate", "rotated_copy", "quality", "unwanted")
 
@@ -71,12 +98,13 @@ def _r(value: float) -> float:
 
 
 class Embedder:
-    def __init__(self) -> None:
-        self.model = ImageDescriptor().eval()
-        self.pre = descriptor_preprocessing()
+    def __init__(self, variant: str = "copy") -> None:
+        self.model = ImageDescriptor(variant).eval()
+        self.pre = descriptor_preprocessing(variant)
 
     def pixels(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(self.pre.apply(image.convert("RGB")))
+        # to_tensor, as the decode workers call it (the copy variant crops borders there)
+        return self.pre.to_tensor(image.convert("RGB")).permute(1, 2, 0).numpy()
 
     def load(self, path: Path) -> np.ndarray:
         size = self.pre.draft_size(DESCRIPTOR_INPUT_SIZE, DESCRIPTOR_INPUT_SIZE)
@@ -144,13 +172,129 @@ def main() -> dict:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--stress", type=int, default=250, help="bases to stress-test (0: skip)")
+    parser.add_argument("--heldout-bases", type=int, default=150, help="held-out corpus bases (0: skip)")
+    parser.add_argument("--heldout-seed", type=int, default=11)
+    parser.add_argument("--threshold", type=float, default=0.1, help="cosine distance for pair scoring")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.demo or Path(tmp) / "demo"
         log(f"demo pool: {args.images} images in {out_dir}")
         summary = generate_demo(out_dir, n_images=args.images, n_shards=args.shards, seed=args.seed)
-        return evaluate(summary, args)
+        report = {}
+        if args.heldout_bases > 0:
+            log(f"held-out corpus: {args.heldout_bases} bases")
+            corpus = generate_heldout(
+                Path(tmp) / "heldout", n_bases=args.heldout_bases, seed=args.heldout_seed
+            )
+            report["heldout"] = evaluate_heldout(corpus, args.threshold)
+        return {**report, **evaluate(summary, args)}
+
+
+def evaluate_heldout(corpus, threshold: float) -> dict:
+    """Pair recall / precision of the held-out corpus at ``threshold``, per edit."""
+    embed = Embedder()
+    truth = corpus.truth()
+    ids = truth["image_id"].to_list()
+    t0 = time.perf_counter()
+    raw = embed(np.stack([embed.load(corpus.images_root / i) for i in ids]))
+    log(f"held-out: embedded {len(ids)} images in {time.perf_counter() - t0:.1f}s")
+    scored = score_pairs(truth, ids, raw, threshold)
+    scored["edits"] = list(HELDOUT_TRANSFORMS)
+    images = [load_rgb(read_bytes(str(corpus.images_root / i))) for i in ids]
+    bits = np.stack([dct_hash_bits(image) for image in images])
+    report = {
+        "descriptor": scored,
+        "dct_hash_dihedral": score_distances(truth, ids, hamming(bits), HASH_THRESHOLD),
+    }
+    pdq = pdq_bits(images)
+    if pdq is not None:
+        report["pdq_dihedral"] = score_distances(truth, ids, hamming(pdq), PDQ_THRESHOLD)
+    return report
+
+
+PDQ_THRESHOLD = 31.5 / 256  # PDQ's customary match distance: <= 31 of 256 bits
+
+
+def pdq_bits(images: list[Image.Image]) -> np.ndarray | None:
+    """N x 8 x 256: Meta's PDQ hashes of the 8 dihedral orientations, when pdqhash is installed.
+
+    Another reference only (pdqhash builds from source, with a C++ compiler); absent, skipped.
+    """
+    try:
+        import pdqhash
+    except ImportError:
+        log("pdqhash is not installed: no PDQ reference")
+        return None
+    return np.stack([np.stack(pdqhash.compute_dihedral(np.asarray(image))[0]) for image in images])
+
+
+# A reference, not a model of the project: a DCT perceptual hash implemented here from its
+# published description (Zauner 2010, "pHash": 32 x 32 luma, 2-D DCT-II, the 8 x 8 lowest
+# frequencies thresholded at their median: 64 bits), matched over the 8 dihedral orientations
+# of the query as PDQ-based tools do. Distances are Hamming / 64; pairs at <= 10 bits match.
+HASH_THRESHOLD = 10.5 / 64
+
+
+def dct_hash_bits(image: Image.Image) -> np.ndarray:
+    """8 x 64 booleans: the hash of the image in each of its 8 dihedral orientations."""
+    from scipy.fft import dctn
+
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    out = []
+    for turns in range(4):
+        for flip in (False, True):
+            g = np.rot90(grey, turns)
+            low = dctn(g[:, ::-1] if flip else g, type=2, norm="ortho")[:8, :8].reshape(-1)
+            out.append(low > np.median(low[1:]))  # the DC term left out of the median
+    return np.stack(out)
+
+
+def hamming(bits: np.ndarray) -> np.ndarray:
+    """N x N: min over the 8 orientations of one image against the other's upright hash, / bits."""
+    n_bits = bits.shape[2]
+    upright = bits[:, 0].astype(np.int32)
+    best = np.full((len(bits), len(bits)), n_bits, dtype=np.int32)
+    for k in range(bits.shape[1]):
+        variant = bits[:, k].astype(np.int32)
+        # Hamming distance through dot products: a.(1-b) + (1-a).b
+        d = variant @ (1 - upright).T + (1 - variant) @ upright.T
+        best = np.minimum(best, d)
+    best = np.minimum(best, best.T)
+    return best / float(n_bits)
+
+
+def demo_pairs(rows: list[dict], distance: np.ndarray, threshold: float) -> dict:
+    """Planted copies found at ``threshold`` (pairs under it), and how many pairs under it are wrong."""
+    source = {r["image_id"]: r["source_id"] for r in rows}
+
+    def root(image_id: str) -> str:
+        while source.get(image_id):
+            image_id = source[image_id]
+        return image_id
+
+    family = np.array([root(r["image_id"]) for r in rows])
+    upper = np.triu_indices(len(rows), 1)
+    under = distance[upper] < threshold
+    same = (family[:, None] == family[None, :])[upper]
+    row_of = {r["image_id"]: i for i, r in enumerate(rows)}
+    found: dict[str, list[bool]] = {}
+    for r in rows:
+        if r["kind"] in ("near_duplicate", "byte_copy", "pixel_copy"):
+            key = r["transform"] if r["kind"] == "near_duplicate" else r["kind"]
+            hit = distance[row_of[r["image_id"]], row_of[r["source_id"]]] < threshold
+            found.setdefault(key, []).append(bool(hit))
+    planted = [hit for hits in found.values() for hit in hits]
+    order = [*NEAR_DUPLICATE_TRANSFORMS, "byte_copy", "pixel_copy"]
+    return {
+        "threshold": threshold,
+        "planted_recall": _r(np.mean(planted)),
+        "precision": _r((under & same).sum() / max(under.sum(), 1)),
+        "false_pairs": int((under & ~same).sum()),
+        "per_transform": {
+            k: {"n": len(found[k]), "recall": _r(np.mean(found[k]))} for k in order if k in found
+        },
+    }
 
 
 def evaluate(summary, args) -> dict:
@@ -198,7 +342,27 @@ def evaluate(summary, args) -> dict:
         [[t[0] for t in values] for key, values in groups.items() if key.startswith("near_duplicate:")]
     )
     report: dict = {
-        "descriptor": {"dim": int(raw.shape[1]), "input_size": DESCRIPTOR_INPUT_SIZE},
+        "descriptor": {
+            "dim": int(raw.shape[1]),
+            "input_size": DESCRIPTOR_INPUT_SIZE,
+            "variant": embed.model.variant,
+            "version": VARIANT_VERSIONS[embed.model.variant],
+        },
+        "demo_pairs": {
+            "descriptor": demo_pairs(rows, 1.0 - centred(raw) @ centred(raw).T, args.threshold),
+            "dct_hash_dihedral": demo_pairs(
+                rows,
+                hamming(
+                    np.stack(
+                        [
+                            dct_hash_bits(load_rgb(read_bytes(str(summary.images_root / r["image_id"]))))
+                            for r in rows
+                        ]
+                    )
+                ),
+                HASH_THRESHOLD,
+            ),
+        },
         "demo": {"images": args.images, "seed": args.seed, "embedded": len(rows), "bases": len(bases)},
         "random_base_pairs": {
             "n": len(negatives),
@@ -210,15 +374,25 @@ def evaluate(summary, args) -> dict:
         "near_duplicates": {"auc": _r(roc_auc(near, negatives)), "max": _r(near.max()), "by_kind": per_group},
     }
 
-    # -- content grouping by example images
+    # -- content grouping by example images, with the variant meant for it (as example filters use)
+    content_embed = Embedder("content")
+    content_raw = content_embed(
+        np.stack([content_embed.load(summary.images_root / r["image_id"]) for r in rows])
+    )
+    content_mean = content_raw.mean(0)
+
+    def centre_content(x: np.ndarray) -> np.ndarray:
+        x = x - content_mean
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    vc = centre_content(content_raw)
     content = {}
     for cat in CATEGORIES:
-        examples = centre(
-            embed(np.stack([embed.load(p) for p in sorted((summary.examples_root / cat).iterdir())]))
-        )
+        paths = sorted((summary.examples_root / cat).iterdir())
+        examples = centre_content(content_embed(np.stack([content_embed.load(p) for p in paths])))
         members = [i for i, r in enumerate(rows) if r["kind"] == "unwanted" and r["category"] == cat]
-        d_members = (1.0 - v[members] @ examples.T).min(1)
-        d_photos = (1.0 - v[bases] @ examples.T).min(1)
+        d_members = (1.0 - vc[members] @ examples.T).min(1)
+        d_photos = (1.0 - vc[bases] @ examples.T).min(1)
         for_recall = float(np.quantile(d_members, 0.9, method="higher"))
         for_fpr = float(np.quantile(d_photos, 0.05, method="lower"))
         mid = (for_recall + for_fpr) / 2

@@ -1,6 +1,7 @@
 """Embedding throughput against the decode floor, on ~1 MP RGB JPEGs (CPU; GPU when present).
 
     python benchmarks/embed.py [--images N] [--workers W] [--sscd-images M] [--device auto|cpu|cuda]
+        [--no-onnx]
 
 Generates N distinct 1200x850 JPEGs (the sanitize benchmark's generator), then times
 with the same decode workers:
@@ -11,9 +12,19 @@ with the same decode workers:
 - ``descriptor``: the built-in weight-free descriptor end to end;
 - ``sscd_resnet50``: a ResNet-50 + GeM + 512-d projection (SSCD's shape, random weights)
   saved as TorchScript and loaded through the real ``sscd_torchscript`` loader, SSCD's
-  shorter-side-288 preprocessing; on CUDA with bf16 autocast when a GPU is present.
+  shorter-side-288 preprocessing; on CUDA with bf16 autocast when a GPU is present;
+- ``onnx_fp32`` / ``onnx_int8``: the same network (same random weights) exported with
+  ``torch.onnx.export`` (any batch and image size) and run through the real ``onnx`` loader
+  (``input_layout: nchw_float``, the same shorter-side-288 preprocessing, the graph's own L2
+  normalisation), first as exported (float32), then quantised with
+  ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantised at
+  run time: how copy detectors are often served on CPU). The same images as the TorchScript
+  path, and the same number of intra-op threads as torch uses. The CUDA provider needs
+  onnxruntime-gpu; with the CPU package the graphs run on the CPU, also on a GPU machine.
 
-Each rate comes with its ratio to ``decode_only`` measured in the same run. Prints one
+Each rate comes with its ratio to ``decode_only`` measured in the same run (for the SSCD-shaped
+models: to the decode-only rate of their preprocessing), and the ONNX rates also with their
+ratio to the TorchScript rate. Prints one
 JSON object to stdout; logs go to stderr.
 """
 
@@ -53,6 +64,7 @@ def main() -> dict:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime path")
     args = parser.parse_args()
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
@@ -112,9 +124,9 @@ def main() -> dict:
         descriptor = load_model("descriptor", ModelEntry(kind="descriptor"), device=device)
         sscd = load_model("sscd", ModelEntry(kind="sscd_torchscript", path=str(sscd_file)), device=device)
 
-        def rate(module, preprocessing, dim, subset) -> float:
-            embed_images(module, preprocessing, dim, subset[: args.batch_size], settings)  # warm-up
-            result = embed_images(module, preprocessing, dim, subset, settings)
+        def rate(module, preprocessing, dim, subset, run_settings=settings) -> float:
+            embed_images(module, preprocessing, dim, subset[: args.batch_size], run_settings)  # warm-up
+            result = embed_images(module, preprocessing, dim, subset, run_settings)
             assert not result.errors, result.errors[:3]
             return len(subset) / result.seconds
 
@@ -124,6 +136,7 @@ def main() -> dict:
         decode_only_sscd = rate(Nothing(), sscd.preprocessing, 1, refs)
         descriptor_rate = rate(descriptor.module, descriptor.preprocessing, descriptor.dim, refs)
         sscd_rate = rate(sscd.module, sscd.preprocessing, sscd.dim, sscd_refs)
+        onnx_figures = {} if args.no_onnx else onnx_rates(folder, sscd, settings, rate, sscd_refs)
 
     figures = {
         "images": args.images,
@@ -141,12 +154,63 @@ def main() -> dict:
         "sscd_resnet50_images_per_s": round(sscd_rate, 1),
         "sscd_ratio_to_decode_only": round(sscd_rate / decode_only_sscd, 3),
     }
+    for name, onnx_rate in onnx_figures.items():
+        figures[f"{name}_images_per_s"] = round(onnx_rate, 1)
+        figures[f"{name}_ratio_to_decode_only"] = round(onnx_rate / decode_only_sscd, 3)
+        figures[f"{name}_ratio_to_torchscript"] = round(onnx_rate / sscd_rate, 3)
     if on_gpu:
         figures["gpu"] = torch.cuda.get_device_name(device)
         figures["sscd_target_images_per_s"] = 1500
         figures["meets_decode_bound_target"] = figures["sscd_ratio_to_decode_only"] >= 0.8
     print(json.dumps(figures))
     return figures
+
+
+def onnx_rates(folder: Path, sscd, settings, rate, refs) -> dict[str, float]:
+    """Images/s of the SSCD-shaped network as ONNX, float32 and dynamic int8, through the onnx loader."""
+    import dataclasses
+    import warnings
+
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from curation_assets.config import ModelEntry
+    from curation_assets.core.embed.models import load_model
+
+    fp32 = folder / "sscd_shaped.onnx"
+    int8 = folder / "sscd_shaped.int8.onnx"
+    # The TorchScript file's module is the same network with the same weights: export that.
+    network = torch.jit.load(str(folder / "sscd_shaped.torchscript.pt"), map_location="cpu").eval()
+    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated but takes dynamic_axes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network,
+            (torch.randn(1, 3, 288, 352),),
+            str(fp32),
+            input_names=["image"],
+            output_names=["embedding"],
+            dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}, "embedding": {0: "n"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    log(f"onnx: fp32 {fp32.stat().st_size / 1e6:.0f} MB, dynamic int8 {int8.stat().st_size / 1e6:.0f} MB")
+    # as many intra-op threads as torch uses, so the comparison is between runtimes, not thread counts
+    onnx_settings = dataclasses.replace(settings, threads=torch.get_num_threads())
+    out = {}
+    for name, path in (("onnx_fp32", fp32), ("onnx_int8", int8)):
+        entry = ModelEntry(
+            kind="onnx",
+            path=str(path),
+            input_layout="nchw_float",
+            input_size=sscd.preprocessing.size,
+            resize="shorter_side",
+            normalized=True,
+        )
+        model = load_model(name, entry, device=settings.device)
+        assert model.preprocessing == sscd.preprocessing, (model.preprocessing, sscd.preprocessing)
+        out[name] = rate(model.module, model.preprocessing, model.dim, refs, onnx_settings)
+    return out
 
 
 if __name__ == "__main__":

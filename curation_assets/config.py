@@ -164,7 +164,7 @@ class ModelEntry(_Strict):
     # downloads). Without `path`: downloaded, and only with allow_download: true.
     pretrained: str | None = None
     config: str | None = None  # open_clip: a model-config JSON for an architecture open_clip lacks
-    base_kind: Literal["torchscript", "timm", "open_clip"] | None = None  # for kind: rotation
+    base_kind: Literal["torchscript", "timm", "open_clip", "onnx"] | None = None  # for kind: rotation
     num_classes: int | None = Field(default=None, gt=0)  # timm: classifier width (default: from the file)
     input_size: int | None = Field(default=None, gt=0)
     resize: Literal["shorter_side", "square"] | None = None
@@ -198,9 +198,9 @@ class ModelEntry(_Strict):
     def _kind_fields(self) -> ModelEntry:
         kind, base = self.kind, self.base_kind
         if kind == "rotation" and not base:
-            raise ValueError("kind 'rotation' needs `base_kind`: torchscript, timm or open_clip")
+            raise ValueError("kind 'rotation' needs `base_kind`: torchscript, timm, open_clip or onnx")
         file_kind = base if kind == "rotation" else kind
-        if (kind in _NEEDS_FILE or file_kind in ("timm", "torchscript")) and not self.path:
+        if (kind in _NEEDS_FILE or file_kind in ("timm", "torchscript", "onnx")) and not self.path:
             raise ValueError(f"kind {self.kind!r} needs `path`: the local weights file")
         if file_kind in ("open_clip", "timm") and not self.name:
             what = f"base_kind {base!r}" if kind == "rotation" else f"kind {kind!r}"
@@ -235,7 +235,7 @@ class ModelEntry(_Strict):
             raise ValueError(
                 "center_crop goes with resize: shorter_side (a square resize leaves nothing to crop)"
             )
-        if kind != "onnx":
+        if file_kind != "onnx":
             onnx_only = [key for key in ("input_layout", "normalized") if getattr(self, key) is not None]
             if onnx_only:
                 raise ValueError(f"{', '.join(onnx_only)}: for kind 'onnx' only (kind is {kind!r})")
@@ -247,6 +247,13 @@ class ModelEntry(_Strict):
                     f"input_layout 'nhwc_uint8' feeds raw uint8 pixels (the graph normalises): "
                     f"remove {', '.join(ignored)}"
                 )
+        if file_kind == "onnx" and kind == "rotation":
+            # a rotation graph's `output` keeps the rotation meaning (logits or probabilities);
+            # its first graph output is used
+            if self.input_layout is None:
+                raise ValueError("base_kind 'onnx' needs `input_layout`: nhwc_uint8 or nchw_float")
+            if self.normalized is not None:
+                raise ValueError("normalized: a rotation model's outputs are class scores, not embeddings")
         if kind == "onnx":
             if self.input_layout is None:
                 raise ValueError("kind 'onnx' needs `input_layout`: nhwc_uint8 or nchw_float")
@@ -291,7 +298,9 @@ class SanitizeStage(_Strict):
     @field_validator("allowed_formats")
     @classmethod
     def _formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = {"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif"}
+        from curation_assets.core.ingest.formats import ALLOWABLE_EXTENSIONS  # the one list
+
+        known = ALLOWABLE_EXTENSIONS
         lowered = tuple(v.lower().lstrip(".") for v in value)
         unknown = sorted(set(lowered) - known)
         if unknown:
@@ -388,7 +397,9 @@ class QualityStage(_Strict):
     low_information_threshold: float = Field(ge=0, le=8)
     blur_threshold: float = Field(ge=0)
     grayscale: bool
-    workers: int = Field(ge=0)
+    # No longer read: quality scores come from the shard pass, whose decode processes are
+    # stages.sanitize.workers. Accepted (and ignored) so that older project files still load.
+    workers: int | None = Field(default=None, ge=0, description="ignored: see stages.sanitize.workers")
 
 
 class ClusterLevel(_Strict):
@@ -435,7 +446,8 @@ class TrainTestLeaksStage(_Strict):
     methods: tuple[Literal["exact", "perceptual", "semantic"], ...]
     max_hamming: int = Field(ge=0, le=32)
     min_similarity: float = Field(ge=0, le=1)
-    workers: int = Field(ge=0)
+    # No longer read: perceptual hashes come from the shard pass (stages.sanitize.workers).
+    workers: int | None = Field(default=None, ge=0, description="ignored: see stages.sanitize.workers")
 
 
 class LabelIssuesStage(_Strict):
@@ -565,7 +577,7 @@ class ClassSubsetsConfig(_Strict):
 
 
 # Which model kinds each stage's model reference accepts.
-_EMBEDDING_KINDS = frozenset({"descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript"})
+_EMBEDDING_KINDS = frozenset({"descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript", "onnx"})
 _MODEL_REFS: dict[tuple[str, str], frozenset[str]] = {
     ("rotation", "model"): frozenset({"rotation"}),
     ("embeddings", "copy_model"): _EMBEDDING_KINDS,

@@ -37,8 +37,9 @@ def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float((greater + 0.5 * (at_or_below - below)).sum() / (len(pos) * len(neg)))
 
 
-def _load(path: Path) -> np.ndarray:
-    pre = descriptor_preprocessing()
+def _load(path: Path, variant: str = "copy") -> np.ndarray:
+    """The variant's model input, as the pipeline makes it (the copy variant crops borders)."""
+    pre = descriptor_preprocessing(variant)
     image = load_rgb(
         read_bytes(str(path)), draft_size=pre.draft_size(DESCRIPTOR_INPUT_SIZE, DESCRIPTOR_INPUT_SIZE)
     )
@@ -80,9 +81,10 @@ def content_vectors(demo_dataset) -> DemoVectors:
 def _demo_vectors(demo_dataset, descriptor: ImageDescriptor) -> DemoVectors:
     gt = pl.read_parquet(demo_dataset.ground_truth_path).filter(pl.col("kind").is_in(KINDS))
     rows = gt.to_dicts()
-    pixels = np.stack([_load(demo_dataset.images_root / r["image_id"]) for r in rows])
+    variant = descriptor.variant
+    pixels = np.stack([_load(demo_dataset.images_root / r["image_id"], variant) for r in rows])
     example_pixels = {
-        cat: np.stack([_load(p) for p in sorted((demo_dataset.examples_root / cat).iterdir())])
+        cat: np.stack([_load(p, variant) for p in sorted((demo_dataset.examples_root / cat).iterdir())])
         for cat in CATEGORIES
     }
     with torch.no_grad():

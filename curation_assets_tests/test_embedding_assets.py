@@ -86,6 +86,8 @@ def test_changing_the_model_recomputes(demo_dataset, tmp_path: Path):
     materialize_project(first, build_definitions([first]), instance, shards=["shard-01"], echo=lambda _: None)
     store = StoreResource().for_project(first)
     _, _, before = store.read_vectors("sscd_embeddings", "shard-01")
+    others = ("sanitized_images", "semantic_embeddings")
+    stamps = {name: store.shard_path(name, "shard-01").stat().st_mtime_ns for name in others}
     second = _project(
         tmp_path,
         demo_dataset,
@@ -107,6 +109,8 @@ def test_changing_the_model_recomputes(demo_dataset, tmp_path: Path):
     _, vectors, after = store.read_vectors("sscd_embeddings", "shard-01")
     assert after["model"]["kind"] == "sscd_torchscript" and before["model"]["kind"] == "descriptor"
     assert vectors.shape[1] == 16
+    # only the changed model's vectors were recomputed: sanitize and the other model were kept
+    assert {name: store.shard_path(name, "shard-01").stat().st_mtime_ns for name in others} == stamps
 
 
 def test_missing_weights_fail_clearly_and_write_nothing(demo_dataset, tmp_path: Path):

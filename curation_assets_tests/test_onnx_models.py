@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from curation_assets.config import ModelEntry, ProjectConfigError, load_project_dict
 from curation_assets.core.embed.embed import ComputeSettings, embed_images
@@ -329,3 +330,135 @@ def test_config_accepts_an_sscd_export_entry():
             "normalized": False,
         }
     )
+
+
+# ------------------------------------------------------------------------------ rotation and aesthetic heads
+
+ROT_SIDE = 16
+
+
+def _bright_top(side: int) -> np.ndarray:
+    """side x side template: +1 on the upper half, -1 on the lower half."""
+    template = np.ones((side, side), dtype=np.float32)
+    template[side // 2 :] = -1.0
+    return template
+
+
+def rotation_graph(path: Path) -> Path:
+    """float N x 3 x 16 x 16 -> Flatten -> MatMul: 4 logits, class k scoring how well the image
+    matches a bright-top pattern turned k quarter turns clockwise (a toy upright detector)."""
+    templates = [np.rot90(_bright_top(ROT_SIDE), -k) for k in range(4)]  # -k: clockwise
+    weights = np.stack([np.broadcast_to(t, (3, ROT_SIDE, ROT_SIDE)).reshape(-1) for t in templates], 1)
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_rotation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, ROT_SIDE, ROT_SIDE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])],
+        initializer=[numpy_helper.from_array((weights * 0.05).astype(np.float32), "w")],
+    )
+    return _save(graph, path)
+
+
+W_AESTHETIC = _weights(768, 1, 6)
+
+
+def aesthetic_graph(path: Path, width: int = 768) -> Path:
+    """float N x width -> MatMul + 5: one score per row (a stand-in for the LAION head's export)."""
+    nodes = [
+        helper.make_node("MatMul", ["embedding", "w"], ["projected"]),
+        helper.make_node("Add", ["projected", "five"], ["score"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_aesthetic",
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n", 1])],
+        initializer=[
+            numpy_helper.from_array(_weights(width, 1, 6), "w"),
+            numpy_helper.from_array(np.array([5.0], dtype=np.float32), "five"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def test_rotation_through_an_onnx_base_reads_the_orientation(tmp_path: Path):
+    path = rotation_graph(tmp_path / "rotation.onnx")
+    rotation = ModelEntry.model_validate(
+        {"kind": "rotation", "base_kind": "onnx", "path": str(path), "input_layout": "nchw_float"}
+    )
+    model = load_model("rotation", rotation)
+    assert (model.kind, model.dim, model.output) == ("rotation", 4, "probabilities")
+    assert model.identity["file"]["xxh3_128"] and model.identity["base_kind"] == "onnx"
+    # an upright image (bright sky, dark ground) and its three clockwise quarter turns, as files
+    upright = np.where(np.arange(64)[:, None, None] < 32, 230, 25).astype(np.uint8).repeat(64, 1).repeat(3, 2)
+    image = Image.fromarray(upright)
+    turns = [image, *(image.transpose(t) for t in (Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180))]
+    turns.append(image.transpose(Image.Transpose.ROTATE_90))
+    refs = []
+    for k, turned in enumerate(turns):
+        turned.save(tmp_path / f"turn{k}.png")
+        refs.append(ImageRef(f"s/turn{k}.png", str(tmp_path / f"turn{k}.png"), None, None, 64, 64))
+    probabilities = run(model, refs)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert probabilities.argmax(1).tolist() == [0, 1, 2, 3]  # the quarter turn each image has
+    assert probabilities.max(1).min() > 0.9
+
+
+def test_rotation_with_onnx_base_config_names_the_key():
+    with pytest.raises(ProjectConfigError, match=r"models\.copy: base_kind 'onnx' needs `input_layout`"):
+        _project({"kind": "rotation", "base_kind": "onnx", "path": "/r.onnx"})
+    with pytest.raises(ProjectConfigError, match=r"models\.copy: normalized: a rotation model"):
+        _project(
+            {
+                "kind": "rotation",
+                "base_kind": "onnx",
+                "path": "/r.onnx",
+                "input_layout": "nchw_float",
+                "normalized": True,
+            }
+        )
+
+
+def test_aesthetic_head_may_be_an_onnx_graph(tmp_path: Path):
+    path = aesthetic_graph(tmp_path / "aesthetic.onnx")
+    model = load_model("aesthetic", ModelEntry.model_validate({"kind": "aesthetic_mlp", "path": str(path)}))
+    assert (model.dim, model.output, model.preprocessing) == (1, "score", None)
+    assert model.identity["file"]["size"] == path.stat().st_size
+    embeddings = np.random.default_rng(0).standard_normal((5, 768)).astype(np.float32) * 3.0
+    with torch.no_grad():
+        scores = model.module(torch.from_numpy(embeddings)).numpy()
+    # the head sees unit-norm embeddings, as the LAION head was trained on
+    np.testing.assert_allclose(scores, unit(embeddings.astype(np.float64)) @ W_AESTHETIC + 5.0, rtol=1e-4)
+
+    wrong = aesthetic_graph(tmp_path / "clip_b32_head.onnx", width=512)
+    with pytest.raises(
+        ModelLoadError, match=r"models\.aesthetic\.path: an ONNX aesthetic head takes one B x 768"
+    ):
+        load_model("aesthetic", ModelEntry.model_validate({"kind": "aesthetic_mlp", "path": str(wrong)}))
+
+
+def test_an_onnx_export_can_be_the_copy_model_of_near_dedup():
+    project = load_project_dict(
+        {
+            "name": "p",
+            "dataset": {"roots": "/data"},
+            "models": {
+                "sscd": {
+                    "kind": "onnx",
+                    "path": "/m/sscd.onnx",
+                    "input_layout": "nchw_float",
+                    "input_size": 288,
+                }
+            },
+            "stages": {
+                "embeddings": {"enabled": True, "copy_model": "sscd", "semantic_model": "descriptor_content"},
+                "near_dedup": {"enabled": True, "model": "sscd"},
+            },
+        },
+        source="p.yaml",
+    )
+    assert project.stages.near_dedup.model == "sscd"

@@ -123,7 +123,9 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         pool="gpu",
         description=(
             "faiss index over every processed shard's copy-detection vectors (centred with the dataset mean, "
-            f"L2-normalised; kind: {stage.index}). New shards are added; a changed shard rebuilds it."
+            f"L2-normalised; kind: {stage.index}). Despite its name (the walkthroughs' word) it is not "
+            "only LSH: auto picks exact flat search for small pools and IVF (or HNSW) at scale; lsh is one "
+            "option. New shards are added; a changed shard rebuilds it."
         ),
     )
     def lsh_index(

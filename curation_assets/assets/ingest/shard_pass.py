@@ -111,6 +111,11 @@ def run_shard_pass(
     for stage in outputs:
         if stage not in todo:
             context.log.info(f"{stage.name} {shard}: inputs unchanged, kept the stored output")
+    for name in ([SANITIZED] if redo_sanitize else []) + [s.name for s in todo]:
+        if project_store.shard_path(name, shard).is_file():
+            context.log.info(
+                f"{name} {shard}: stored output made from other inputs (or an older version), recomputed"
+            )
 
     output, models, items_kept = None, {}, None
     if redo_sanitize or todo:

@@ -23,9 +23,11 @@ Per kind:
 * ``torchscript``: any TorchScript network taking a fixed ``input_size`` square.
 * ``aesthetic_mlp``: the LAION improved-aesthetic-predictor head over 768-d CLIP ViT-L/14
   image embeddings; one score per image, 0-10 as trained. Its input is an embedding, so it
-  has no preprocessing.
-* ``rotation``: a 4-way (0/90/180/270 degrees) classifier loaded through its ``base_kind``;
-  the module returns softmax probabilities.
+  has no preprocessing. A ``path`` ending in ``.onnx`` is run by ONNX Runtime instead: any
+  graph taking B x 768 floats and returning B x 1 (or B) scores.
+* ``rotation``: a 4-way (0/90/180/270 degrees) classifier loaded through its ``base_kind``
+  (torchscript, timm, open_clip or onnx); the module returns softmax probabilities. With
+  ``base_kind: onnx`` the graph's first output is the class scores.
 * ``onnx``: any ONNX graph run by ONNX Runtime (CUDA execution provider when the device is CUDA
   and onnxruntime-gpu provides it, else CPU). ``input_layout: nhwc_uint8`` feeds the uint8
   pixels (B x H x W x 3; the graph preprocesses); ``nchw_float`` feeds B x 3 x H x W floats
@@ -89,7 +91,10 @@ _FILE_HINTS = {
         ".safetensors, e.g. open_clip_pytorch_model.bin) or OpenAI's TorchScript .pt"
     ),
     "timm": "a state dict of the timm model {arch} (.pth, .bin or .safetensors)",
-    "aesthetic_mlp": "the LAION improved-aesthetic-predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth",
+    "aesthetic_mlp": (
+        "the LAION improved-aesthetic-predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth, "
+        "or an ONNX export of it (.onnx)"
+    ),
     "onnx": "an ONNX model file, e.g. an SSCD export sscd_disc_mixup.onnx",
 }
 
@@ -389,14 +394,17 @@ def _jit_load(name: str, entry: ModelEntry, device: torch.device) -> torch.jit.S
 def _load_descriptor(name: str, entry: ModelEntry, allow_download: bool, device: torch.device) -> _Built:
     from curation_assets.core.embed import descriptor  # written alongside; imported only when used
 
+    variant = entry.variant or descriptor.DEFAULT_VARIANT
     return _Built(
-        module=descriptor.ImageDescriptor(entry.variant or descriptor.DEFAULT_VARIANT),
-        preprocessing=descriptor.descriptor_preprocessing(),
+        module=descriptor.ImageDescriptor(variant),
+        preprocessing=descriptor.descriptor_preprocessing(variant),
         output="embedding",
         normalized=True,
         extra={
-            "descriptor_version": getattr(descriptor, "DESCRIPTOR_VERSION", None),
-            "variant": entry.variant or descriptor.DEFAULT_VARIANT,
+            # per variant: a changed copy variant must not mix with stored vectors of the old one,
+            # while the unchanged content variant keeps its stored vectors
+            "descriptor_version": descriptor.VARIANT_VERSIONS[variant],
+            "variant": variant,
         },
     )
 
@@ -770,6 +778,8 @@ def _load_open_clip(
 
 
 def _load_aesthetic(name: str, entry: ModelEntry, allow_download: bool, device: torch.device) -> _Built:
+    if str(entry.path).lower().endswith(".onnx"):
+        return _load_aesthetic_onnx(name, entry, device)
     try:
         checkpoint = torch.load(entry.path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -927,7 +937,10 @@ def _onnx_preprocessing(name: str, entry: ModelEntry, dims: list[int | None]) ->
     return preprocessing
 
 
-def _load_onnx(name: str, entry: ModelEntry, allow_download: bool, device: torch.device) -> _Built:
+def _load_onnx(
+    name: str, entry: ModelEntry, allow_download: bool, device: torch.device, raw: bool = False
+) -> _Built:
+    """An onnx entry; ``raw`` (a rotation's base): class scores from the first output, not normalised."""
     try:
         session = _onnx_session(entry.path, device, 0)
     except Exception as exc:  # not a protobuf, truncated, or ops this onnxruntime lacks
@@ -950,7 +963,8 @@ def _load_onnx(name: str, entry: ModelEntry, allow_download: bool, device: torch
             f"at axis {channels_at}; the graph's input {graph_input.name!r} is a {shape} {graph_input.type}"
         )
     outputs = [o.name for o in session.get_outputs()]
-    output_name = entry.output or outputs[0]
+    # a rotation entry's `output` says logits or probabilities, not which graph output to use
+    output_name = outputs[0] if raw else (entry.output or outputs[0])
     if output_name not in outputs:
         raise ModelLoadError(
             f"models.{name}.output: the graph in {entry.path} has no output {output_name!r} "
@@ -964,13 +978,13 @@ def _load_onnx(name: str, entry: ModelEntry, allow_download: bool, device: torch
         entry.input_layout,
         graph_input.name,
         output_name,
-        normalize=not entry.normalized,
+        normalize=not (entry.normalized or raw),
     )
     return _Built(
         module,
         preprocessing,
-        "embedding",
-        normalized=True,  # by the graph (normalized: true) or by _OnnxNet
+        "logits" if raw else "embedding",
+        normalized=not raw,  # by the graph (normalized: true) or by _OnnxNet
         extra={
             "input_layout": entry.input_layout,
             "graph_output": output_name,
@@ -979,13 +993,77 @@ def _load_onnx(name: str, entry: ModelEntry, allow_download: bool, device: torch
     )
 
 
+class _OnnxHead(nn.Module):
+    """An ONNX scoring head over embeddings (B x 768 floats -> B x 1), e.g. the aesthetic MLP.
+
+    Its input is L2-normalised first, as :class:`AestheticMLP` does: the LAION head was
+    trained on unit-norm CLIP embeddings, and normalising twice changes nothing.
+    """
+
+    def __init__(self, path: str, session: Any, input_name: str, output_name: str) -> None:
+        super().__init__()
+        self.path = path
+        self.session = session
+        self.input_name = input_name
+        self.output_name = output_name
+        self._runtime = ("cpu", 0)
+
+    def configure_runtime(self, device: torch.device, threads: int) -> None:
+        wanted = (str(device), int(threads))
+        if wanted != self._runtime:
+            self.session = _onnx_session(self.path, device, threads)
+            self._runtime = wanted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = functional.normalize(x.detach().float(), dim=-1).contiguous().cpu().numpy()
+        (out,) = self.session.run([self.output_name], {self.input_name: feed})
+        return torch.from_numpy(out).float().reshape(len(x), -1).to(x.device)
+
+
+def _load_aesthetic_onnx(name: str, entry: ModelEntry, device: torch.device) -> _Built:
+    try:
+        session = _onnx_session(entry.path, device, 0)
+    except Exception as exc:  # not a protobuf, truncated, or ops this onnxruntime lacks
+        raise _file_error(name, entry, f"could not be loaded as an ONNX model: {_short(exc)}") from exc
+    inputs = session.get_inputs()
+    dims = _onnx_dims(inputs[0].shape) if len(inputs) == 1 else []
+    if (
+        len(inputs) != 1
+        or inputs[0].type != "tensor(float)"
+        or len(dims) != 2
+        or dims[1]
+        not in (
+            None,
+            AESTHETIC_INPUT_DIM,
+        )
+    ):
+        found = ", ".join(f"{i.name}: {i.type} {_onnx_dims(i.shape)}" for i in inputs)
+        raise ModelLoadError(
+            f"models.{name}.path: an ONNX aesthetic head takes one B x {AESTHETIC_INPUT_DIM} float "
+            f"input (CLIP ViT-L/14 image embeddings); the graph in {entry.path} takes {found}"
+        )
+    output_name = session.get_outputs()[0].name
+    module = _OnnxHead(entry.path, session, inputs[0].name, output_name)
+    with torch.no_grad():
+        out = _probe(name, module, torch.randn(_PROBE_BATCH, AESTHETIC_INPUT_DIM, generator=_generator()))
+    if out.shape[1] != 1:
+        raise ModelLoadError(
+            f"models.{name}: an aesthetic head outputs one score per image; the graph in {entry.path} "
+            f"outputs {out.shape[1]} values per row"
+        )
+    return _Built(module, None, "score", known_dim=1, extra={"runtime": "onnxruntime"})
+
+
 # rotation -------------------------------------------------------------------
 
 
 def _load_rotation(name: str, entry: ModelEntry, allow_download: bool, device: torch.device) -> _Built:
-    base = {"torchscript": _load_torchscript, "timm": _load_timm, "open_clip": _load_open_clip}[
-        entry.base_kind
-    ]
+    base = {
+        "torchscript": _load_torchscript,
+        "timm": _load_timm,
+        "open_clip": _load_open_clip,
+        "onnx": _load_onnx,
+    }[entry.base_kind]
     built = base(name, entry, allow_download, device, raw=True)
     inner = built.module.to(device).eval()
     size = built.preprocessing.size

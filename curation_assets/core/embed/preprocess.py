@@ -2,6 +2,10 @@
 
 A :class:`Preprocessing` is part of a vector's identity: it is recorded next to every
 embedding, and a global step refuses vectors made with another one.
+
+Steps that must see the decoded image before it is resized (cropping uniform borders) live
+here too, in :meth:`Preprocessing.apply` and :meth:`Preprocessing.to_tensor`, because every
+decode path calls one of them on the image it decoded: no step decodes an image twice.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Crop uniform bars (letterbox, pillarbox, padding, frames) off the decoded image before the
+    # resize: a copy padded with bars then describes the same pixels as its original.
+    crop_borders: bool = False
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -63,10 +70,15 @@ class Preprocessing:
 
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         """The smallest size JPEG draft decoding may go down to without losing detail."""
+        # Also with crop_borders: JPEG scales are powers of two, so the decoded picture is
+        # usually 1-2x this size, and what a typical letterbox leaves (10-20% bars) is still at
+        # least the output size; decoding larger for the rare deep bar would slow every image.
         return self.resized_size(width, height)
 
     def apply(self, image: Image.Image) -> Image.Image:
         """Resize (and crop) an RGB image on the CPU."""
+        if self.crop_borders:
+            image = crop_uniform_borders(image)
         target = self.resized_size(*image.size)
         if image.size != target:
             image = image.resize(target, _RESAMPLE[self.interpolation], reducing_gap=3.0)
@@ -84,6 +96,8 @@ class Preprocessing:
         are the kernels torchvision's resize calls; torchvision itself is not imported, as
         its import costs every run worker about 1.7 s.
         """
+        if self.crop_borders:
+            image = crop_uniform_borders(image)
         tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
         width, height = self.resized_size(*image.size)
         if (width, height) != image.size:
@@ -101,8 +115,77 @@ class Preprocessing:
         """A JSON-able record for metadata and compatibility checks."""
         record = asdict(self)
         record["mean"], record["std"] = list(self.mean), list(self.std)
+        if not self.crop_borders:
+            # recorded only when set, so the records (and vector identities) of every model
+            # made before the option existed stay what they were
+            del record["crop_borders"]
         return record
 
     def summary(self) -> str:
         crop = f" crop {self.size}" if self.center_crop else ""
-        return f"{self.resize} {self.size}{crop}, {self.interpolation}, mean {self.mean}, std {self.std}"
+        borders = "borders cropped, " if self.crop_borders else ""
+        return (
+            f"{borders}{self.resize} {self.size}{crop}, {self.interpolation}, "
+            f"mean {self.mean}, std {self.std}"
+        )
+
+
+# ----------------------------------------------------------------------------- borders
+
+BORDER_MAX_SHARE = 0.35  # at most this share of a side is cropped from each end
+_BORDER_TOLERANCE = 6  # per-channel distance (0-255) of a bar pixel from the bar's colour
+_BORDER_FILL = 0.98  # share of a line's pixels that must be bar-coloured
+
+
+def _bar_depth(lines: np.ndarray, limit: int) -> int:
+    """How many leading lines (axis 0 of lines: N x L x 3 uint8) form a uniform bar."""
+    if limit <= 0:
+        return 0
+    first = lines[0].astype(np.int16)
+    # Cheap necessary test first (most images have no bar): if 98% of a line lies within T of
+    # a colour, its mean lies within T + 2% x 255 of that colour, so 98% lies within
+    # 2 T + 2% x 255 of the mean.
+    loose = 2 * _BORDER_TOLERANCE + 0.02 * 255
+    if (np.abs(first - first.mean(axis=0)).max(axis=1) <= loose).mean() < _BORDER_FILL:
+        return 0
+    # the bar's colour: the first line's median (every 4th pixel is plenty and 4x cheaper)
+    colour = np.median(first[::4], axis=0).astype(np.int16)
+    depth = 0
+    chunk = 1  # most images have no bar: their first line alone settles it
+    while depth < limit:
+        head = lines[depth : min(depth + chunk, limit)].astype(np.int16)
+        close = np.abs(head - colour).max(axis=2) <= _BORDER_TOLERANCE
+        misses = np.flatnonzero(close.mean(axis=1) < _BORDER_FILL)
+        if len(misses):
+            return depth + int(misses[0])
+        depth += len(head)
+        chunk = 32  # bounded temporaries on large images
+    return limit
+
+
+def border_box(image: Image.Image) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the image without uniform bars along its edges.
+
+    A bar is a run of whole rows (or columns) from an edge whose pixels are, nearly all, within
+    a small distance of one colour: black or white letterboxing and pillarboxing, padding, a
+    plain frame. JPEG ringing at the bar's inner edge ends the run up to a block (8 lines)
+    early, which the descriptor's margin absorbs. At most :data:`BORDER_MAX_SHARE` of a side
+    goes from each end, so a nearly uniform image (a plain sky, a blank page) keeps its middle.
+    """
+    pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)  # uint8; lines cast on use
+    height, width = pixels.shape[:2]
+    limit_y, limit_x = int(height * BORDER_MAX_SHARE), int(width * BORDER_MAX_SHARE)
+    top = _bar_depth(pixels, limit_y)
+    bottom = _bar_depth(pixels[::-1], limit_y)
+    columns = pixels[top : height - bottom].transpose(1, 0, 2)
+    left = _bar_depth(columns, limit_x)
+    right = _bar_depth(columns[::-1], limit_x)
+    return left, top, width - right, height - bottom
+
+
+def crop_uniform_borders(image: Image.Image) -> Image.Image:
+    """The image without the uniform bars along its edges (itself when it has none)."""
+    box = border_box(image)
+    if box == (0, 0, *image.size):
+        return image
+    return image.crop(box)

@@ -7,6 +7,8 @@ extension only decides whether a file that is no known format was *meant* to be 
 
 from __future__ import annotations
 
+import threading
+from importlib.util import find_spec
 from pathlib import PurePosixPath
 
 from curation_assets.core.outputs.reasons import Reason
@@ -25,9 +27,26 @@ FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "PPM": ("ppm", "pgm", "pbm", "pnm"),
     "JPEG2000": ("jp2", "j2k", "jpf", "jpx"),
     "PSD": ("psd",),
-    "HEIF": ("heic", "heif", "avif"),
+    "HEIF": ("heic", "heif", "hif"),
+    "AVIF": ("avif",),
     "TGA": ("tga",),
 }
+
+# Formats read through an optional Pillow plugin: real format -> (module, PyPI package). The
+# `formats` extra (pip install 'curation_assets[formats]') installs both. Pillow 11.3 and later
+# read AVIF themselves; the plugin is then neither needed nor loaded.
+OPTIONAL_READERS: dict[str, tuple[str, str]] = {
+    "HEIF": ("pillow_heif", "pillow-heif"),
+    "AVIF": ("pillow_avif", "pillow-avif-plugin"),
+}
+FORMATS_EXTRA = "curation_assets[formats]"
+
+# The values sanitize.allowed_formats accepts: every extension of a format Pillow reads without
+# a plugin, plus those of the optional formats (read once their plugin is installed).
+ALLOWABLE_EXTENSIONS: frozenset[str] = frozenset(
+    {"jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pbm", "pnm"}
+    | {ext for fmt in OPTIONAL_READERS for ext in FORMAT_EXTENSIONS[fmt]}
+)
 
 # Extensions that announce an image even when the bytes say otherwise (garbage, empty).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(ext for exts in FORMAT_EXTENSIONS.values() for ext in exts)
@@ -60,15 +79,102 @@ def sniff_format(head: bytes) -> str | None:
         return "JPEG2000"
     if head[:4] == b"8BPS":
         return "PSD"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"hevc"):
+    if head[4:8] == b"ftyp":
+        return _iso_media_format(head)
+    return None
+
+
+_AVIF_BRANDS = (b"avif", b"avis")
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
+_GENERIC_BRANDS = (b"mif1", b"msf1", b"miaf")  # either codec: the compatible brands decide
+
+
+def _iso_media_format(head: bytes) -> str | None:
+    """HEIF or AVIF from an ISO-BMFF ``ftyp`` box: the major brand, else the compatible ones."""
+    major = head[8:12]
+    if major in _AVIF_BRANDS:
+        return "AVIF"
+    if major in _HEIF_BRANDS:
+        return "HEIF"
+    if major in _GENERIC_BRANDS:
+        size = int.from_bytes(head[0:4], "big")
+        compatible = [head[i : i + 4] for i in range(16, min(size, len(head)) - 3, 4)]
+        if any(brand in _AVIF_BRANDS for brand in compatible):
+            return "AVIF"
         return "HEIF"
     return None
 
 
+def reader_installed(real: str) -> bool:
+    """Whether this Python can decode the optional format ``real`` (True for built-in formats)."""
+    if real not in OPTIONAL_READERS:
+        return True
+    if real == "AVIF" and _pillow_reads_avif():
+        return True
+    return find_spec(OPTIONAL_READERS[real][0]) is not None
+
+
+def _pillow_reads_avif() -> bool:
+    from PIL import features  # Pillow >= 11.3 has a built-in AVIF codec when built with libavif
+
+    return "avif" in features.get_supported_modules() and bool(features.check("avif"))
+
+
+_REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
+
+
+def register_optional_readers() -> None:
+    """Teach Pillow the optional formats whose plugin is installed (idempotent, cheap after once).
+
+    Every decode path calls it before opening a file (images.load_rgb through the ingest
+    package's import), so a worker process reads HEIC/AVIF as the parent does.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    with _REGISTER_LOCK:
+        if _REGISTERED:
+            return
+        if find_spec("pillow_heif") is not None:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        if not _pillow_reads_avif() and find_spec("pillow_avif") is not None:
+            import pillow_avif  # noqa: F401  (importing it registers the AVIF plugin)
+        _REGISTERED = True
+
+
 def allowed_real_formats(allowed_extensions: tuple[str, ...]) -> frozenset[str]:
-    """Real formats a project accepts: those with at least one allowed extension."""
+    """Real formats a project accepts: those with at least one allowed extension.
+
+    HEIF and AVIF are allowed by default once a reader for them is installed (the `formats`
+    extra; Pillow 11.3+ reads AVIF itself): installing the extra is the opt-in. Listing their
+    extensions in allowed_formats without the reader keeps them refused, with a message that
+    names the extra (see :func:`unsupported_format_detail`).
+    """
     allowed = set(allowed_extensions)
-    return frozenset(fmt for fmt, exts in FORMAT_EXTENSIONS.items() if allowed & set(exts))
+    named = {fmt for fmt, exts in FORMAT_EXTENSIONS.items() if allowed & set(exts)}
+    readable = {fmt for fmt in OPTIONAL_READERS if reader_installed(fmt)}
+    return frozenset((named - set(OPTIONAL_READERS)) | readable)
+
+
+def unsupported_format_detail(real: str | None, allowed_formats: tuple[str, ...]) -> str:
+    """Why a file of format ``real`` is refused, and what would read it: the unsupported_format text."""
+    allowed = ", ".join(allowed_formats)
+    if real in OPTIONAL_READERS and not reader_installed(real):
+        package = OPTIONAL_READERS[real][1]
+        return (
+            f"{real} needs a reader that is not installed: pip install '{FORMATS_EXTRA}' (installs {package})"
+        )
+    extensions = FORMAT_EXTENSIONS.get(real or "", ())
+    listable = [ext for ext in extensions if ext in ALLOWABLE_EXTENSIONS]
+    if listable:
+        return (
+            f"{real} is not among the allowed formats ({allowed}); add {' or '.join(listable)} "
+            "to sanitize.allowed_formats to accept it"
+        )
+    return f"{real} is not among the allowed formats ({allowed}) and no reader for it is supported"
 
 
 def classify_file(name: str, size: int, head: bytes) -> tuple[str | None, Reason | None]:
