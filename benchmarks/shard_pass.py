@@ -42,6 +42,7 @@ def log(message: str) -> None:
 def write_project(folder: Path, images: Path, workers: int) -> Path:
     import yaml
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pass_bench.yaml"
     path.write_text(
         yaml.safe_dump(
