@@ -117,9 +117,10 @@ def previous_seconds(tree: Path, project_file: Path, shard: str, workers: int) -
     """The same measurement of an older checkout, in a subprocess that imports that code."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     script = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
+        "import sys, json, pathlib; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
         "from benchmarks.shard_pass import run_shard_stages;"
-        "print(json.dumps(run_shard_stages(__import__('pathlib').Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))"
+        "seconds = run_shard_stages(pathlib.Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]));"
+        "print(json.dumps(seconds))"
     )
     here = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run(
