@@ -12,11 +12,11 @@ import torch
 from curation_assets.config import ModelEntry, SanitizeStage, load_project_dict
 from curation_assets.core.embed.embed import BatchRunner, ComputeSettings
 from curation_assets.core.embed.models import load_model
-from curation_assets.core.filters.quality import score_image, working_image
+from curation_assets.core.filters.quality import score_image
 from curation_assets.core.ingest.images import load_rgb
 from curation_assets.core.ingest.sanitize import check_image, plain_rules
 from curation_assets.core.labeled.phash import hash_row
-from curation_assets.core.shard_pass import PassItem, PassModel, PassPlan, model_input, run_pass
+from curation_assets.core.shard_pass import PassItem, PassModel, PassPlan, model_input, run_pass, working_copy
 from curation_assets_tests.conftest import write_photo
 
 PER_IMAGE = (("quality", score_image), ("phash", hash_row))
@@ -73,7 +73,7 @@ def test_one_pass_gives_each_stage_what_it_computes_alone(tmp_path: Path):
             assert out.rows["quality"][index] is None and out.rows["phash"][index] is None
             assert not any(o.done[index] for o in out.models.values())
             continue
-        work = working_image(load_rgb(data))
+        work = working_copy(load_rgb(data))
         assert out.rows["quality"][index] == score_image(image_id, work)
         assert out.rows["phash"][index] == hash_row(image_id, work)
         for model, loaded in zip(models, (copy, content), strict=True):

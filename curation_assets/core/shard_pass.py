@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from curation_assets.core.embed.preprocess import Preprocessing
-from curation_assets.core.filters.quality import working_image
+from curation_assets.core.filters.quality import working_image, working_size
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
 from curation_assets.core.ingest.sanitize import (
     _Rules,
@@ -110,36 +110,59 @@ def _single_threaded_torch() -> None:
 def _derived(image_id: str, image: Image.Image, plan: PassPlan) -> ItemOutput:
     """Scores, hash and model inputs of one decoded upright RGB picture."""
     out = ItemOutput()
+    pyramid = Pyramid(image)
     if plan.per_image:
         # One small copy serves every per-image stage: resizing a megapixel picture once per
         # stage would cost about as much as its decode.
-        work = working_image(image)
+        work = working_copy(pyramid)
         for name, function in plan.per_image:
             out.rows[name] = function(image_id, work)
     if plan.inputs:
         _single_threaded_torch()
         try:
-            out.pixels = tuple(model_input(image, prep).numpy() for prep in plan.inputs)
+            out.pixels = tuple(model_input(pyramid, prep).numpy() for prep in plan.inputs)
         except Exception as exc:  # recorded for this image, never a failed chunk
             out.error = f"preprocessing: {describe_error(exc)}"
     return out
 
 
-def model_input(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """A model's uint8 input (3 x H x W) made from a decoded picture, as the pass makes it."""
-    return prep.to_tensor(_reduced(image, prep))
+class Pyramid:
+    """A decoded picture and its power-of-two box reductions, each made once, from the finer one.
 
-
-def _reduced(image: Image.Image, prep: Preprocessing) -> Image.Image:
-    """``image`` shrunk by an integer box factor while still at least the model's draft size.
-
-    What JPEG draft decoding did for each model in the stage-by-stage path: the antialiased
-    resize then starts from a picture a few times its output, not from the full one.
+    Every consumer starts from the smallest reduction still at least the size it needs (what
+    JPEG draft decoding gave each stage when each decoded on its own): the working copy and
+    each model's antialiased resize then read a few times their output, not a megapixel
+    picture each. Box reductions by 2 are Pillow's cheapest resampling.
     """
-    width, height = prep.draft_size(*image.size)
-    factor = min(image.width // max(width, 1), image.height // max(height, 1))
-    factor = 1 << (max(factor, 1).bit_length() - 1)  # a power of two, as JPEG scales are
-    return image.reduce(factor) if factor > 1 else image
+
+    def __init__(self, image: Image.Image):
+        self.levels = {1: image}
+
+    def at_least(self, width: int, height: int) -> Image.Image:
+        full = self.levels[1]
+        factor = min(full.width // max(width, 1), full.height // max(height, 1))
+        factor = 1 << (max(factor, 1).bit_length() - 1)
+        return self._level(factor)
+
+    def _level(self, factor: int) -> Image.Image:
+        if factor not in self.levels:
+            # always halved from the level above, so a level is the same whatever was asked
+            # first (an output made alone equals one made with the others)
+            self.levels[factor] = self._level(factor // 2).reduce(2)
+        return self.levels[factor]
+
+
+def working_copy(image: Image.Image | Pyramid) -> Image.Image:
+    """The 256 px working copy the per-image stages read, as the pass makes it."""
+    pyramid = image if isinstance(image, Pyramid) else Pyramid(image)
+    full = pyramid.levels[1]
+    return working_image(pyramid.at_least(*working_size(full.width, full.height)))
+
+
+def model_input(image: Image.Image | Pyramid, prep: Preprocessing) -> torch.Tensor:
+    """A model's uint8 input (3 x H x W) made from a decoded picture, as the pass makes it."""
+    pyramid = image if isinstance(image, Pyramid) else Pyramid(image)
+    return prep.to_tensor(pyramid.at_least(*prep.draft_size(*pyramid.levels[1].size)))
 
 
 def _process(item: PassItem, plan: PassPlan) -> ItemOutput:

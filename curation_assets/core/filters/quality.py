@@ -31,7 +31,9 @@ from curation_assets.core.pool import usable_cores
 if TYPE_CHECKING:  # decode.py imports torch: workers must not pay for that
     from curation_assets.core.ingest.images import ImageRef
 
-QUALITY_VERSION = 1  # bump when a score's definition changes: stored scores are recomputed
+# Bump when a score's definition changes: stored scores are recomputed. 2: scored from the shard
+# pass's one full decode and its box reductions, not from a JPEG draft decode.
+QUALITY_VERSION = 2
 
 WORK_SIDE = 256  # longer side of the working image every score is computed on
 # The blur score's denominator (rms of the 2-4 px detail, luminance in [0, 1]) is held
@@ -58,15 +60,19 @@ SCORE_NAMES: tuple[str, ...] = ("blur", "brightness_p99", "brightness_p5", "entr
 # ----------------------------------------------------------------------------- the metrics
 
 
+def working_size(width: int, height: int, side: int = WORK_SIDE) -> tuple[int, int]:
+    """(width, height) of the working copy of a width x height image (never enlarged)."""
+    scale = min(1.0, side / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def working_image(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
     """``image`` as RGB reduced by area averaging so that its longer side is ``side`` (never enlarged)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    width, height = image.size
-    scale = side / max(width, height, 1)
-    if scale >= 1.0:
+    size = working_size(image.width, image.height, side)
+    if size == image.size:
         return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # BOX is a true area average: no ringing, and cheap for the large reductions this needs.
     return image.resize(size, Image.Resampling.BOX)
 
