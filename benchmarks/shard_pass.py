@@ -2,7 +2,8 @@
 
     python benchmarks/shard_pass.py [--images N] [--workers W] [--previous-tree DIR] [--keep DIR]
 
-Generates N distinct 1200x850 JPEGs (benchmarks/sanitize.py's generator) in one shard,
+Generates N distinct 1200x850 JPEGs (benchmarks/sanitize.py's generator; ``--format png``
+re-saves them as PNG, a format without JPEG's reduced-scale decoding) in one shard,
 warms the page cache, then measures with the same worker count:
 
 (a) the floor: a process pool (the project's own pool runner) running
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ def write_project(folder: Path, images: Path, workers: int) -> Path:
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / "store", ignore_errors=True)  # every run measures a pass from scratch
     path = folder / "pass_bench.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -113,19 +116,27 @@ def floor_seconds(paths: list[str], workers: int) -> float:
     return time.perf_counter() - started
 
 
+PREVIOUS_RUNNER = """
+import json, pathlib, sys
+
+if __name__ == "__main__":  # pool workers start from a fork server that re-imports this file
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(1, sys.argv[2])
+    from benchmarks.shard_pass import run_shard_stages
+
+    print(json.dumps(run_shard_stages(pathlib.Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
+"""
+
+
 def previous_seconds(tree: Path, project_file: Path, shard: str, workers: int) -> float:
     """The same measurement of an older checkout, in a subprocess that imports that code."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    script = (
-        "import sys, json, pathlib; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
-        "from benchmarks.shard_pass import run_shard_stages;"
-        "seconds = run_shard_stages(pathlib.Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]));"
-        "print(json.dumps(seconds))"
-    )
+    runner = project_file.parent / "run_previous.py"
+    runner.write_text(PREVIOUS_RUNNER)
     here = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run(
-        [sys.executable, "-c", script, str(tree), here, str(project_file), shard, str(workers)],
-        env=env,
+        [sys.executable, str(runner), str(tree), here, str(project_file), shard, str(workers)],
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=tree,  # the pool's fork server puts its working directory first on its path
         check=True,
         capture_output=True,
         text=True,
@@ -133,10 +144,26 @@ def previous_seconds(tree: Path, project_file: Path, shard: str, workers: int) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def check_previous_run(folder: Path, count: int) -> None:
+    """The older code must have processed the images, not rejected them (a broken run is no figure)."""
+    import polars as pl
+
+    table = pl.read_parquet(folder / "store" / "pass_bench" / "sanitized_images" / "shard-00.parquet")
+    kept = table.filter(pl.col("status") != "rejected").height
+    if kept < count:
+        raise SystemExit(f"the previous tree kept {kept} of {count} images: its figure would be meaningless")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--format",
+        choices=("jpeg", "png"),
+        default="jpeg",
+        help="png: formats without JPEG's reduced-scale (draft) decoding, where every decode is full",
+    )
     parser.add_argument("--previous-tree", type=Path, help="a checkout of older code to measure too")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     args = parser.parse_args()
@@ -144,19 +171,32 @@ def main() -> None:
     from benchmarks.sanitize import generate
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="shard_pass_"))
-    images = work / "images"
+    images = work / f"images_{args.format}"
     shard_dir = images / "shard-00"
-    paths = sorted(shard_dir.glob("*.jpg")) if shard_dir.is_dir() else []
+    suffix = ".jpg" if args.format == "jpeg" else ".png"
+    paths = sorted(shard_dir.glob(f"*{suffix}")) if shard_dir.is_dir() else []
     if len(paths) != args.images:
         shard_dir.mkdir(parents=True, exist_ok=True)
-        log(f"generating {args.images} JPEGs in {shard_dir}")
+        log(f"generating {args.images} {args.format} images in {shard_dir}")
         paths = generate(shard_dir, args.images)
+        if args.format == "png":
+            from PIL import Image
+
+            for path in paths:
+                Image.open(path).save(path.with_suffix(".png"), compress_level=1)
+                path.unlink()
+            paths = sorted(shard_dir.glob("*.png"))
     files = [str(p) for p in paths]
     floor_seconds(files[: min(200, len(files))], args.workers)  # warm: page cache, fork server
     floor = floor_seconds(files, args.workers)
     log(f"bare decode: {len(files) / floor:.1f} images/s")
 
-    figures: dict[str, object] = {"images": len(files), "workers": args.workers, "stages": STAGES}
+    figures: dict[str, object] = {
+        "images": len(files),
+        "format": args.format,
+        "workers": args.workers,
+        "stages": STAGES,
+    }
     project_file = write_project(work, images, args.workers)
     shard = "shard-00"
     passed = run_shard_stages(project_file, shard, args.workers)
@@ -169,6 +209,7 @@ def main() -> None:
     if args.previous_tree:
         previous_project = write_project(work / "previous", images, args.workers)
         seconds = previous_seconds(args.previous_tree.resolve(), previous_project, shard, args.workers)
+        check_previous_run(work / "previous", len(files))
         log(f"stage by stage ({args.previous_tree}): {len(files) / seconds:.1f} images/s")
         figures["stage_by_stage_images_per_second"] = round(len(files) / seconds, 1)
         figures["stage_by_stage_to_decode_ratio"] = round(min(floor, floor_again) / seconds, 3)

@@ -146,9 +146,12 @@ class Pyramid:
 
     def _level(self, factor: int) -> Image.Image:
         if factor not in self.levels:
-            # always halved from the level above, so a level is the same whatever was asked
-            # first (an output made alone equals one made with the others)
-            self.levels[factor] = self._level(factor // 2).reduce(2)
+            # Levels 2 and 4 are reduced from the full picture (one pass each: the working copy
+            # needs level 4 of a megapixel photo), coarser ones halve the level above. Fixed
+            # rules, so a level is the same whatever was asked first and an output made alone
+            # equals one made with the others.
+            source = 1 if factor <= 4 else factor // 2
+            self.levels[factor] = self._level(source).reduce(factor // source)
         return self.levels[factor]
 
 
