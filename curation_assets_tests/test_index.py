@@ -283,3 +283,18 @@ def test_find_pairs_checks_its_input():
     by_array = find_pairs(index, x, np.arange(500), THRESHOLD, x)
     for left, right in zip(by_function, by_array, strict=True):
         np.testing.assert_array_equal(left, right)
+
+
+def test_ivf_lists_come_from_our_kmeans_seeded_and_zero_rows_left_out():
+    x = clustered(6000, 64, 60, seed=9)
+    x[:100] = 0.0  # vectors equal to the mean: prepare() leaves them zero, no direction
+    first = VectorIndex.build("ivf", x, {"nlist": 32}, seed=4)
+    again = VectorIndex.build("ivf", x, {"nlist": 32}, seed=4)
+    centroids = first.ivf.quantizer.reconstruct_n(0, 32)
+    np.testing.assert_array_equal(centroids, again.ivf.quantizer.reconstruct_n(0, 32))
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)  # spherical
+    assert first.ivf.is_trained and first.count == 6000
+    # every vector sits in the list of its nearest centroid
+    lists = np.array([first.ivf.invlists.list_size(i) for i in range(32)])
+    nearest = np.bincount((x[100:] @ centroids.T).argmax(axis=1), minlength=32)
+    assert lists.sum() == 6000 and np.abs(lists - nearest).sum() <= 100 + 0.01 * 6000

@@ -266,3 +266,57 @@ def test_progress_reports_rates():
 def test_bad_levels_get_a_clear_error(levels, message):
     with pytest.raises(ValueError, match=message):
         hierarchical_kmeans(rings_like(0), levels)
+
+
+# ----------------------------------------------------------------------------- bfloat16 screen
+
+
+def _random_unit(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_bf16_screen_finds_the_float32_nearest_centroid():
+    # random directions: many near-ties, the hard case for a rounded product
+    x = _random_unit(3000, 256, seed=11)
+    centroids = _random_unit(200, 256, seed=12)
+    # rows whose best cosine is negative or tiny: no positive order, scored in float32
+    x[:50] = -centroids[:50].sum(axis=0) / np.linalg.norm(centroids[:50].sum(axis=0))
+    ops = kmeans_module._Ops(kmeans_module.torch.device("cpu"))
+    plain = kmeans_module._Searcher(centroids, "cosine", "torch", ops)
+    screen = kmeans_module._Screen(centroids)
+    want_nearest, want_distance = plain(x)
+    got_nearest, got_distance = screen(x, None)
+    scores = x.astype(np.float64) @ centroids.T.astype(np.float64)
+    best = scores.max(axis=1)
+    chosen = scores[np.arange(len(x)), got_nearest]
+    assert np.all(best - chosen <= 1e-6)  # the true best, or a float32 tie with it
+    assert np.mean(got_nearest == want_nearest) > 0.999
+    np.testing.assert_allclose(got_distance, want_distance, atol=1e-6)
+
+
+def test_bf16_screen_leaves_kmeans_and_hierarchy_unchanged(monkeypatch):
+    x = _random_unit(4000, 96, seed=13)
+    x[:400] = x[400:800] + 0.02 * _random_unit(400, 96, seed=14)  # some tight pairs
+    levels = [Level(64, 5), Level(8, 0)]
+    runs = {}
+    for screen in (False, True):
+        monkeypatch.setattr(kmeans_module, "_SCREEN", screen)
+        runs[screen] = (
+            hierarchical_kmeans(x, levels, n_resamples=2, max_iters=8, seed=3),
+            kmeans(x, 40, seed=4, max_iters=6, chunk_size=700, max_cache_bytes=0),  # streamed blocks
+        )
+    for got, want in zip(runs[True][0].levels, runs[False][0].levels, strict=True):
+        np.testing.assert_array_equal(got.assignment, want.assignment)
+        np.testing.assert_allclose(got.centroids, want.centroids, atol=1e-5)
+        np.testing.assert_allclose(got.distances, want.distances, atol=1e-5)
+    np.testing.assert_array_equal(runs[True][1].assignment, runs[False][1].assignment)
+
+
+def test_random_init_is_seeded_and_checked():
+    x, _ = blobs([200, 150, 100], dim=24, seed=15)
+    first = kmeans(x, 3, seed=5, init="random")
+    np.testing.assert_array_equal(first.assignment, kmeans(x, 3, seed=5, init="random").assignment)
+    assert first.timings["init_s"] < 0.05
+    with pytest.raises(ValueError, match="init must be one of"):
+        kmeans(x, 3, init="forgy")
