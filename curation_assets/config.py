@@ -576,6 +576,55 @@ class ClassSubsetsConfig(_Strict):
     caption_filter: CaptionFilterConfig
 
 
+# ----------------------------------------------------------------------------- references
+
+
+class ReferenceSet(_Strict):
+    """A named set of images the pool is compared with: an evaluation set to decontaminate
+    against, or a seed set to retrieve the pool's neighbours of."""
+
+    role: Literal["decontaminate", "seed"]
+    # a folder tree of images, or of WebDataset .tar shards (read in place, never modified), or
+    # (kind vectors) a parquet file of precomputed vectors: columns path, vector; footer curation.model
+    path: str
+    kind: Literal["directory", "webdataset", "vectors"] = "directory"
+
+    _path = field_validator("path")(_path_field)
+
+
+class DecontaminationConfig(_Strict):
+    # None: stages.near_dedup.threshold, so "a copy" means the same thing in dedup and here
+    threshold: float | None = Field(ge=0, lt=2)
+    report_margin: float = Field(ge=0, le=2)  # the report shows matches this far past the threshold
+    closest_shown: int = Field(ge=0, le=1000)  # closest matches kept either side of the threshold
+
+
+class RetrievalConfig(_Strict):
+    mode: Literal["sample", "cluster"]
+    k: int = Field(ge=1, le=10_000)  # sample: nearest pool images per seed image
+    min_similarity: float = Field(ge=-1, le=1)  # cosine similarity floor (semantic vectors)
+    cluster_max_distance: float = Field(ge=0, le=2)  # cluster: centroid within this cosine distance of a seed
+    per_cluster_cap: int = Field(ge=1)  # cluster: at most this many images per cluster (nearest first)
+    budget: int | None = Field(gt=0)  # at most this many images (the most similar first); None: all
+
+
+class ReferencesConfig(_Strict):
+    sets: dict[str, ReferenceSet]
+    decontamination: DecontaminationConfig
+    retrieval: RetrievalConfig
+
+    @field_validator("sets")
+    @classmethod
+    def _names(cls, sets: dict[str, ReferenceSet]) -> dict[str, ReferenceSet]:
+        bad = [name for name in sets if not _NAME_RE.match(name)]
+        if bad:
+            raise ValueError(f"reference set names {bad} must match {_NAME_RE.pattern} (they name reasons)")
+        return sets
+
+    def of_role(self, role: str) -> dict[str, ReferenceSet]:
+        return {name: ref for name, ref in self.sets.items() if ref.role == role}
+
+
 # Which model kinds each stage's model reference accepts.
 _EMBEDDING_KINDS = frozenset({"descriptor", "sscd_torchscript", "open_clip", "timm", "torchscript", "onnx"})
 _MODEL_REFS: dict[tuple[str, str], frozenset[str]] = {
@@ -607,6 +656,7 @@ class ProjectConfig(_Strict):
     external_flags: ExternalFlagsConfig
     review: ReviewConfig
     class_subsets: ClassSubsetsConfig
+    references: ReferencesConfig
     source: str | None = None  # the project file it came from (set by the loader)
 
     _storage = field_validator("storage_root")(_path_field)
@@ -667,6 +717,27 @@ class ProjectConfig(_Strict):
             problems.append("stages.sampling: balanced sampling needs stages.clustering enabled")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _reference_sets(self) -> ProjectConfig:
+        # decontamination compares copy-detection vectors, retrieval semantic ones: both read the
+        # pool's stored embeddings, so the embeddings stage must run
+        roles = {ref.role for ref in self.references.sets.values()}
+        if roles and not self.stages.embeddings.enabled:
+            raise ValueError(
+                "references.sets: reference sets are compared with the pool's embeddings; "
+                "enable stages.embeddings"
+            )
+        if (
+            "seed" in roles
+            and self.references.retrieval.mode == "cluster"
+            and not self.stages.clustering.enabled
+        ):
+            raise ValueError(
+                "references.retrieval.mode: cluster takes hierarchical_clusters' level-1 clusters; "
+                "enable stages.clustering (or use mode: sample)"
+            )
         return self
 
     def _labeled_problems(self) -> list[str]:

@@ -25,6 +25,8 @@ GROUPS = "duplicate_groups"
 FILTER_DECISIONS = "filter_decisions"
 CLUSTERS = "hierarchical_clusters"
 SAMPLE = "curated_sample"
+DECONTAMINATION = "decontamination"
+RETRIEVAL = "retrieval_selection"
 DECISIONS = "curation_decisions"
 EXPORT = "curated_dataset"
 REPORT = "curation_report"
@@ -37,3 +39,4 @@ CLASS_SUBSETS = "class_subsets"
 # store folders that are no assets
 MANIFESTS = "shard_manifests"
 APPLY_JOURNALS = "apply_journals"
+REFERENCE_EMBEDDINGS = "reference_embeddings"  # vectors of the reference sets, per set and model

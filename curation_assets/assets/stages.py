@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from curation_assets.assets.dedup.decontamination import build_decontamination_asset, decontamination_enabled
 from curation_assets.assets.dedup.exact_duplicates import build_exact_duplicates_asset
 from curation_assets.assets.dedup.near_dedup import build_near_dedup_assets
 from curation_assets.assets.embed.embeddings import embedding_models, embedding_part, embedding_signature
@@ -37,6 +38,7 @@ from curation_assets.assets.keys import (
     CLUSTERS,
     COPY_EMBEDDINGS,
     DECISIONS,
+    DECONTAMINATION,
     EXACT,
     EXAMPLE_DISTANCES,
     EXAMPLE_EMBEDDINGS,
@@ -49,6 +51,7 @@ from curation_assets.assets.keys import (
     PHASHES,
     QUALITY,
     REPORT,
+    RETRIEVAL,
     REVIEW,
     ROTATION,
     SAMPLE,
@@ -71,6 +74,7 @@ from curation_assets.assets.outputs.decisions import build_decisions_asset
 from curation_assets.assets.outputs.export import build_export_asset
 from curation_assets.assets.outputs.report import build_report_asset
 from curation_assets.assets.select.clustering import build_clusters_asset, build_sample_asset
+from curation_assets.assets.select.retrieval import build_retrieval_asset, retrieval_enabled
 from curation_assets.assets.stage_spec import Stage, always
 from curation_assets.config import ProjectConfig
 
@@ -173,6 +177,13 @@ STAGES: tuple[Stage, ...] = (
         build=lambda p, parts=None: build_near_dedup_assets(p),
         decides="near_dedup",
     ),
+    Stage(  # on when references.sets has a decontaminate set
+        DECONTAMINATION,
+        "global",
+        decontamination_enabled,
+        build=_one(build_decontamination_asset),
+        decides="decontamination",
+    ),
     Stage(
         EXAMPLE_EMBEDDINGS,
         "global",
@@ -183,6 +194,8 @@ STAGES: tuple[Stage, ...] = (
         FILTER_DECISIONS, "global", _scores_on, build=_one(build_filter_decisions_asset), decides="filters"
     ),
     Stage(CLUSTERS, "global", lambda p: p.stages.clustering.enabled, build=_one(build_clusters_asset)),
+    # on when references.sets has a seed set
+    Stage(RETRIEVAL, "global", retrieval_enabled, build=_one(build_retrieval_asset)),
     Stage(
         SAMPLE,
         "global",

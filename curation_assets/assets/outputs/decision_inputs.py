@@ -69,6 +69,7 @@ def load_decision_inputs(
         near=output_of("near_dedup"),
         filters=output_of("filters"),
         sample=sample,
+        contamination=output_of("decontamination"),
     )
 
 

@@ -14,6 +14,7 @@ from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.filters.filter_decisions import score_assets
 from curation_assets.assets.keys import (
     DECISIONS,
+    DECONTAMINATION,
     EXACT,
     FILTER_DECISIONS,
     GROUPS,
@@ -52,6 +53,7 @@ def decision_deps(project: ProjectConfig) -> list[dg.AssetKey]:
     stages = project.stages
     names += [EXACT] if stages.exact_dedup.enabled else []
     names += [GROUPS] if stages.near_dedup.enabled else []
+    names += [DECONTAMINATION] if project.references.of_role("decontaminate") else []
     names += [FILTER_DECISIONS] if score_assets(project) else []
     names += [SAMPLE] if stages.sampling.enabled else []
     return [asset_key(project, name) for name in names]

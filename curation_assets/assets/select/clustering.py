@@ -19,17 +19,18 @@ import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
-from curation_assets.assets.filters.filter_decisions import score_assets
 from curation_assets.assets.keys import (
     CLUSTERS,
-    EXACT,
-    FILTER_DECISIONS,
-    GROUPS,
     SAMPLE,
     SANITIZED,
     SEMANTIC_EMBEDDINGS,
 )
-from curation_assets.assets.outputs.decision_inputs import MissingInputError, decisions_for
+from curation_assets.assets.outputs.decision_inputs import (
+    MissingInputError,
+    decision_asset,
+    decisions_for,
+    project_stages,
+)
 from curation_assets.config import ProjectConfig
 from curation_assets.core.atomic import atomic_path
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
@@ -159,10 +160,11 @@ def level_stats(hierarchy: "Hierarchy", point_clusters: np.ndarray) -> list[dict
 
 def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     stage = project.stages.clustering
+    # every decision stage before sampling (the registry's), so clustering sees the survivors
     deps = [SEMANTIC_EMBEDDINGS, SANITIZED]
-    deps += [EXACT] if project.stages.exact_dedup.enabled else []
-    deps += [GROUPS] if project.stages.near_dedup.enabled else []
-    deps += [FILTER_DECISIONS] if score_assets(project) else []
+    deps += [
+        decision_asset(project, s) for s in project_stages(project, with_sample=False) if s != "sanitize"
+    ]
 
     @dg.asset(
         key=asset_key(project, CLUSTERS),

@@ -1,6 +1,7 @@
 """The curation decisions: one row per inventoried file, what happens to it and every reason why.
 
 Stages are applied in the walkthroughs' order: sanitize, exact duplicates, near duplicates,
+decontamination (near-copies of an evaluation set's images, when the project names one),
 content filters, sampling. ``stage`` names the first stage that removes an image (the
 funnel counts it there, once); ``reasons`` lists every reason that applies, so a reviewer
 also sees that a near duplicate was blurred too. A duplicate always points at an image that
@@ -22,11 +23,12 @@ import polars as pl
 from curation_assets.core.outputs.reasons import Status
 
 KEEP, KEEP_WITH_FIX, REMOVE = "keep", "keep_with_fix", "remove"
-STAGES = ("sanitize", "exact_dedup", "near_dedup", "filters", "sampling")
+STAGES = ("sanitize", "exact_dedup", "near_dedup", "decontamination", "filters", "sampling")
 FUNNEL_LABELS = {
     "sanitize": "after sanitize",
     "exact_dedup": "after exact duplicates",
     "near_dedup": "after near duplicates",
+    "decontamination": "after decontamination",
     "filters": "after content filters",
     "sampling": "after balanced sampling",
 }
@@ -42,6 +44,9 @@ class DecisionInputs:
     near: pl.DataFrame | None = None  # image_id, is_keeper, keeper_id, distance
     filters: pl.DataFrame | None = None  # image_id, removed, removed_by, scores, rotate
     sample: pl.DataFrame | None = None  # image_id (+ cluster columns) of the curated sample
+    # image_id, reference_set, reference_image, distance (one row per image and evaluation set);
+    # last, so that positional callers of the earlier fields are unaffected
+    contamination: pl.DataFrame | None = None
 
 
 def root_relative_paths(inventory: pl.DataFrame, roots: Mapping[str, str], input_kind: str) -> pl.Series:
@@ -116,6 +121,8 @@ def build_decisions(
         frame = frame.with_columns(
             filter_removed=pl.lit(None, pl.Boolean), filter_removed_by=pl.lit(None, pl.List(pl.String))
         )
+    if inputs.contamination is not None:
+        frame = frame.join(_contamination_columns(inputs.contamination), on="image_id", how="left")
     if "rotate" not in frame.columns:
         frame = frame.with_columns(rotate=pl.lit(0, pl.Int64))
     sampled = inputs.sample is not None
@@ -128,14 +135,31 @@ def build_decisions(
     return _decide(frame, sampled)
 
 
+def _contamination_columns(matches: pl.DataFrame) -> pl.DataFrame:
+    """image_id -> the sets it is a near-copy from (sorted), and its closest reference image and distance."""
+    return (
+        matches.sort("distance", "reference_set")
+        .group_by("image_id", maintain_order=True)
+        .agg(
+            contamination_sets=pl.col("reference_set").unique().sort(),
+            contamination_set=pl.col("reference_set").first(),
+            contamination_of=pl.col("reference_image").first(),
+            contamination_distance=pl.col("distance").first(),
+        )
+    )
+
+
 def _decide(frame: pl.DataFrame, sampled: bool) -> pl.DataFrame:
     rejected = pl.col("sanitize_status").fill_null(Status.REJECTED) == Status.REJECTED
     exact = pl.col("exact_of").is_not_null()
     near = pl.col("near_of").is_not_null()
     filtered = pl.col("filter_removed").fill_null(False)
+    # the columns exist only when the project decontaminates: without references nothing changes
+    decontaminate = "contamination_sets" in frame.columns
+    contaminated = pl.col("contamination_sets").is_not_null() if decontaminate else pl.lit(False)
     # only an image still in when sampling ran can be "not drawn"; an earlier removal never
     # reached the sampler, so calling it not_sampled would overcount that stage's reason
-    reached_sampling = ~(rejected | exact | near | filtered)
+    reached_sampling = ~(rejected | exact | near | contaminated | filtered)
     not_sampled = (pl.col("times_sampled").is_null() & reached_sampling) if sampled else pl.lit(False)
     stage = (
         pl.when(rejected)
@@ -144,6 +168,8 @@ def _decide(frame: pl.DataFrame, sampled: bool) -> pl.DataFrame:
         .then(pl.lit("exact_dedup"))
         .when(near)
         .then(pl.lit("near_dedup"))
+        .when(contaminated)
+        .then(pl.lit("decontamination"))
         .when(filtered)
         .then(pl.lit("filters"))
         .when(not_sampled)
@@ -167,6 +193,15 @@ def _decide(frame: pl.DataFrame, sampled: bool) -> pl.DataFrame:
         .otherwise(pl.lit([], pl.List(pl.String))),
         _when_list(exact, "exact_duplicate"),
         _when_list(near, "near_duplicate"),
+        *(
+            [
+                pl.when(contaminated)
+                .then(pl.col("contamination_sets").list.eval(pl.format("contamination:{}", pl.element())))
+                .otherwise(pl.lit([], pl.List(pl.String)))
+            ]
+            if decontaminate
+            else []
+        ),
         pl.when(filtered)
         .then(pl.col("filter_removed_by").list.eval(pl.format("filter:{}", pl.element())))
         .otherwise(pl.lit([], pl.List(pl.String))),
@@ -212,6 +247,13 @@ def _explanations(frame: pl.DataFrame) -> pl.Series:
             distance = row.get("near_distance")
             at = f" at distance {distance:.4f}" if distance is not None else " (chained)"
             parts.append(f"near duplicate of {row['near_of']}{at}")
+        if row.get("contamination_of"):
+            others = [s for s in row["contamination_sets"] if s != row["contamination_set"]]
+            also = f" (also near images of {', '.join(others)})" if others else ""
+            parts.append(
+                f"near-copy of evaluation image {row['contamination_of']} of reference set "
+                f"{row['contamination_set']} at distance {row['contamination_distance']:.4f}{also}"
+            )
         for name in row.get("filter_removed_by") or []:
             parts.append(f"filtered by {name}" + _margin_text(row, name, margin_columns))
         if row.get("times_sampled") is None and row["stage"] == "sampling":
