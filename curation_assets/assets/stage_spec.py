@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import dagster as dg
 
+from curation_assets.assets.signatures import SIGNATURE
 from curation_assets.config import ProjectConfig
 from curation_assets.resources.store import ProjectStore
 
@@ -38,6 +39,23 @@ class PassContext:
     @property
     def skipped(self) -> bool:
         return self.output is None
+
+    def per_image_table(
+        self, to_frame: Callable[[list[Any]], pl.DataFrame], metadata: dict[str, Any], what: str
+    ) -> pl.DataFrame:
+        """A per-image stage's table: made from the pass's rows and written with its signature, or
+        the stored one when current. Rows with an ``error`` are logged (the first 20) as ``no <what>``."""
+        import polars as pl
+
+        path = self.store.shard_path(self.key.path[-1], self.shard)
+        if self.output is None:
+            table = pl.read_parquet(path)
+        else:
+            table = to_frame(self.output.rows[self.key.path[-1]])
+            self.store.write_parquet(table, path, metadata={**metadata, SIGNATURE: self.signature})
+        for row in table.filter(pl.col("error").is_not_null()).head(20).iter_rows(named=True):
+            self.log.warning(f"{row['image_id']}: no {what} ({row['error']})")
+        return table
 
 
 @dataclass(frozen=True)

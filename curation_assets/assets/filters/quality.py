@@ -12,7 +12,7 @@ import polars as pl
 from curation_assets.assets.common import md_table
 from curation_assets.assets.filters.shard_scores import coverage_check
 from curation_assets.assets.keys import QUALITY
-from curation_assets.assets.signatures import SIGNATURE, sanitized_bytes, signature_of
+from curation_assets.assets.signatures import sanitized_bytes, signature_of
 from curation_assets.assets.stage_spec import CheckDef, DecodePart, PassContext
 from curation_assets.config import ProjectConfig
 from curation_assets.core.filters.rules import FilterRule
@@ -44,16 +44,10 @@ def finish_quality(ctx: PassContext) -> dg.MaterializeResult:
     """Write the scores from the shard pass (or report the stored table when current)."""
     from curation_assets.core.filters import quality
 
-    path = ctx.store.shard_path(QUALITY, ctx.shard)
-    if ctx.output is None:
-        table = pl.read_parquet(path)
-    else:
-        table = quality.scores_frame(ctx.output.rows[QUALITY])
-        meta = {"quality_version": quality.QUALITY_VERSION, SIGNATURE: ctx.signature}
-        ctx.store.write_parquet(table, path, metadata=meta)
+    table = ctx.per_image_table(
+        quality.scores_frame, {"quality_version": quality.QUALITY_VERSION}, "quality score"
+    )
     errors = table.filter(pl.col("error").is_not_null())
-    for row in errors.head(20).iter_rows(named=True):
-        ctx.log.warning(f"{row['image_id']}: no quality score ({row['error']})")
     stats = [
         {
             "score": column,
@@ -73,7 +67,7 @@ def finish_quality(ctx: PassContext) -> dg.MaterializeResult:
             "errors": errors.height,
             "scores": md_table(stats),
             "dagster/row_count": table.height,
-            "path": dg.MetadataValue.path(str(path)),
+            "path": dg.MetadataValue.path(str(ctx.store.shard_path(QUALITY, ctx.shard))),
         },
         check_results=[coverage_check(ctx.key, CHECK_SCORED, ctx.kept.height, table, columns, "scores")],
     )

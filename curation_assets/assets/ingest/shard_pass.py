@@ -100,14 +100,15 @@ def run_shard_pass(
     if not project_store.shard_path(SANITIZED, shard).is_file() and not redo_sanitize:
         raise dg.Failure(f"no {SANITIZED} for shard {shard!r}: materialize it first")
     outputs = [stage for stage in stages if stage.name != SANITIZED]
+
+    def todays_signatures() -> dict[str, str]:  # each reads the sanitize table: asked once per table
+        return {s.name: _signature(s, project, project_store, shard) for s in outputs}
+
+    signatures = {} if redo_sanitize else todays_signatures()
     if redo_sanitize:
         todo = outputs  # every output reads sanitize's kept images: all are stale with it
     else:
-        todo = [
-            s
-            for s in outputs
-            if stored_signature(project_store, s.name, shard) != _signature(s, project, project_store, shard)
-        ]
+        todo = [s for s in outputs if stored_signature(project_store, s.name, shard) != signatures[s.name]]
     for stage in outputs:
         if stage not in todo:
             context.log.info(f"{stage.name} {shard}: inputs unchanged, kept the stored output")
@@ -127,6 +128,8 @@ def run_shard_pass(
         yield finish_sanitize(
             context, project, project_store, inventory, sanitize_sig, output if redo_sanitize else None
         )
+    if redo_sanitize:  # the outputs' signatures read the sanitize table just written
+        signatures = todays_signatures()
     kept = kept_images(project_store, shard)
     if output is not None and items_kept is not None:
         output = output.select(items_kept(kept))
@@ -139,7 +142,7 @@ def run_shard_pass(
             shard=shard,
             key=asset_key(project, stage.name),
             log=context.log,
-            signature=_signature(stage, project, project_store, shard),
+            signature=signatures[stage.name],
             kept=kept,
             output=output if stage in todo else None,
             models=models,

@@ -20,7 +20,6 @@ from curation_assets.assets.filters.shard_scores import (
 )
 from curation_assets.assets.keys import INVENTORY, LEAKS, PHASHES, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.assets.labeled.labeled_data import all_images, kept, semantic_matrix
-from curation_assets.assets.signatures import SIGNATURE
 from curation_assets.assets.stage_spec import CheckDef, DecodePart, PassContext
 from curation_assets.config import ProjectConfig
 from curation_assets.resources.compute import ComputeResource
@@ -65,17 +64,8 @@ def finish_phashes(ctx: PassContext) -> dg.MaterializeResult:
     """Write the hashes from the shard pass (or report the stored table when current)."""
     from curation_assets.core.labeled.phash import hashes_frame
 
-    path = ctx.store.shard_path(PHASHES, ctx.shard)
-    if ctx.output is None:
-        table = pl.read_parquet(path)
-    else:
-        table = hashes_frame(ctx.output.rows[PHASHES])
-        ctx.store.write_parquet(
-            table, path, metadata={"phash_version": phash_version(), SIGNATURE: ctx.signature}
-        )
+    table = ctx.per_image_table(hashes_frame, {"phash_version": phash_version()}, "perceptual hash")
     errors = table.filter(pl.col("error").is_not_null())
-    for row in errors.head(20).iter_rows(named=True):
-        ctx.log.warning(f"{row['image_id']}: no perceptual hash ({row['error']})")
     return dg.MaterializeResult(
         asset_key=ctx.key,
         metadata={
@@ -83,7 +73,7 @@ def finish_phashes(ctx: PassContext) -> dg.MaterializeResult:
             "images": table.height,
             "errors": errors.height,
             "dagster/row_count": table.height,
-            "path": dg.MetadataValue.path(str(path)),
+            "path": dg.MetadataValue.path(str(ctx.store.shard_path(PHASHES, ctx.shard))),
         },
         check_results=[coverage_check(ctx.key, CHECK_HASHED, ctx.kept.height, table, ["phash"], "hash")],
     )
