@@ -57,7 +57,14 @@ def expand_path(value: str, base_dir: Path | None) -> str:
             raise ValueError(f"environment variable ${{{name}}} is not set (write ${{{name}:-default}})")
         return found if found is not None else default
 
-    path = Path(_ENV_RE.sub(substitute, value)).expanduser()
+    expanded = _ENV_RE.sub(substitute, value)
+    if "://" in expanded:
+        # object storage (s3://, gs://...) stays a URL; file:// becomes a plain path
+        scheme = expanded.split("://", 1)[0].lower()
+        if scheme not in ("file", "local"):
+            return expanded.rstrip("/")
+        expanded = expanded.split("://", 1)[1]
+    path = Path(expanded).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     return str(path.resolve())
@@ -78,15 +85,25 @@ class _Strict(BaseModel):
 
 
 class ShardRule(_Strict):
-    kind: Literal["subfolder", "chunks", "tar"]
+    kind: Literal["subfolder", "chunks", "tar", "parquet"]
     chunk_size: int = Field(gt=0)
+
+
+class ParquetInput(_Strict):
+    """Where a parquet shard keeps its images (input_kind parquet)."""
+
+    # the defaults of projects/defaults.yaml, repeated for a DatasetConfig built in code
+    image_column: str = "image"  # a struct of bytes/path (Hugging Face datasets) or a plain binary column
+    path_column: str | None = None  # a column naming each image (None: the struct's path, else the row)
+    metadata_columns: tuple[str, ...] | None = None  # carried into the inventory (None: every other column)
 
 
 class DatasetConfig(_Strict):
     roots: dict[str, str]
-    input_kind: Literal["directory", "webdataset"]
+    input_kind: Literal["directory", "webdataset", "parquet"]
     shard_rule: ShardRule
     follow_symlinks: bool
+    parquet: ParquetInput = ParquetInput()
 
     @field_validator("roots", mode="before")
     @classmethod
@@ -105,12 +122,12 @@ class DatasetConfig(_Strict):
 
     @model_validator(mode="after")
     def _kind_matches_rule(self) -> DatasetConfig:
-        is_tar = self.shard_rule.kind == "tar"
-        if (self.input_kind == "webdataset") != is_tar:
-            raise ValueError(
-                "input_kind 'webdataset' goes with shard_rule.kind 'tar' and only with it "
-                f"(got input_kind={self.input_kind!r}, shard_rule.kind={self.shard_rule.kind!r})"
-            )
+        for kind, rule in (("webdataset", "tar"), ("parquet", "parquet")):
+            if (self.input_kind == kind) != (self.shard_rule.kind == rule):
+                raise ValueError(
+                    f"input_kind {kind!r} goes with shard_rule.kind {rule!r} and only with it "
+                    f"(got input_kind={self.input_kind!r}, shard_rule.kind={self.shard_rule.kind!r})"
+                )
         return self
 
 
@@ -433,6 +450,9 @@ class SamplingStage(_Strict):
     strategy: Literal["random", "closest"]
     multiplier: int = Field(ge=1)
     seed: int
+    # with seed sets: the part of the budget given to retrieval_selection (its best first); the
+    # balanced sample fills the rest, and whatever retrieval leaves of its part
+    retrieval_share: float = Field(default=0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _budget(self) -> SamplingStage:
@@ -505,7 +525,7 @@ class ReportConfig(_Strict):
 class LabelsConfig(_Strict):
     """Where an image's class comes from (labeled datasets: leaks, label issues, review, subsets)."""
 
-    source: Literal["none", "layout", "file"]
+    source: Literal["none", "layout", "file", "column"]
     file: str | None  # CSV / TSV / parquet with an id-or-path column and a label column
     id_column: str
     label_column: str
@@ -639,11 +659,23 @@ _MODEL_REFS: dict[tuple[str, str], frozenset[str]] = {
 }
 
 
+class CacheConfig(_Strict):
+    """The local folder where steps stage objects they must read as files (memory-mapped vectors,
+    faiss indexes) when the store is on object storage."""
+
+    folder: str
+    max_gb: float = Field(gt=0)
+
+    _folder = field_validator("folder")(_path_field)
+
+
 class ProjectConfig(_Strict):
     name: str
     description: str
     allow_download: bool
     storage_root: str
+    storage_options: dict[str, Any]  # extra fsspec options for s3:// / gs:// locations
+    cache: CacheConfig
     dataset: DatasetConfig
     discovery: DiscoveryConfig
     runs: RunsConfig
@@ -744,9 +776,9 @@ class ProjectConfig(_Strict):
         stages, problems = self.stages, []
         labeled = self.labels.source != "none"
         if stages.label_issues.enabled and not labeled:
-            problems.append("stages.label_issues: needs labels (labels.source: layout or file)")
+            problems.append("stages.label_issues: needs labels (labels.source: layout, file or column)")
         if self.class_subsets.enabled and not labeled:
-            problems.append("class_subsets: needs labels (labels.source: layout or file)")
+            problems.append("class_subsets: needs labels (labels.source: layout, file or column)")
         needs_vectors = stages.label_issues.enabled or (
             stages.train_test_leaks.enabled and "semantic" in stages.train_test_leaks.methods
         )
@@ -779,7 +811,9 @@ class ProjectConfig(_Strict):
 
     @property
     def project_storage(self) -> Path:
-        return Path(self.storage_root) / self.name
+        from curation_assets.core.storage import as_location
+
+        return as_location(self.storage_root, self.storage_options) / self.name
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from curation_assets.assets.ingest.discovery import (
     partitions_name,
@@ -167,9 +166,10 @@ def project_funnel(project: ProjectConfig, store: ProjectStore | None = None) ->
     if scan is None:
         return None
     exact_path = store.global_path(EXACT, f"{EXACT}.parquet")
-    exact = pl.read_parquet(exact_path) if exact_path.is_file() else None
+    exact = store.read_parquet(exact_path) if exact_path.is_file() else None
     near_path = store.global_path(GROUPS, f"{GROUPS}.parquet")
-    near = pl.read_parquet(near_path) if project.stages.near_dedup.enabled and near_path.is_file() else None
+    near_on = project.stages.near_dedup.enabled and near_path.is_file()
+    near = store.read_parquet(near_path) if near_on else None
     return build_funnel(scan.collect(), exact, near)
 
 

@@ -64,7 +64,7 @@ def test_defaults_match_vdc_and_merge_key_by_key():
         ),
         (
             {"dataset": {"input_kind": "folder"}},
-            "dataset.input_kind: got 'folder'; allowed values: 'directory' or 'webdataset'",
+            "dataset.input_kind: got 'folder'; allowed values: 'directory', 'webdataset' or 'parquet'",
         ),
         (
             {"stages": {"sanitize": {"min_width": "wide"}}},

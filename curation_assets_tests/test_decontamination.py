@@ -353,3 +353,26 @@ def test_a_vectors_reference_set_is_read_with_its_model_checked(tmp_path: Path):
     other = dict(plain.meta["model"], variant="content")
     with pytest.raises(dg.Failure, match="different model"):
         refuse_other_model(read, other)
+
+
+def test_the_ivf_path_finds_the_planted_copies_as_brute_force_does():
+    """Forced onto the IVF path: every pool image's nearest reference within the relevant range
+    is brute force's (recall >= 0.99), at the exact distance."""
+    from curation_assets.core.dedup.index import prepare
+
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(30, 48)).astype(np.float32)
+    refs = (np.repeat(centres, 200, axis=0) + 0.6 * rng.normal(size=(6000, 48))).astype(np.float32)
+    pool = (np.repeat(centres, 100, axis=0) + 0.6 * rng.normal(size=(3000, 48))).astype(np.float32)
+    copies = rng.choice(len(refs), 300, replace=False)
+    pool[:300] = refs[copies] + 0.05 * rng.normal(size=(300, 48))  # planted near-copies
+    mean = pool.mean(axis=0)
+    exact = nearest_references(pool, refs, mean)
+    by_ivf = nearest_references(pool, refs, mean, kind="ivf", relevant_distance=0.2)
+    near = exact.distance <= 0.2
+    assert near[:300].all()
+    assert (by_ivf.rows[near] == exact.rows[near]).mean() >= 0.99
+    same = by_ivf.rows == exact.rows
+    np.testing.assert_allclose(by_ivf.distance[same], exact.distance[same], atol=1e-6)
+    brute = 1.0 - prepare(pool, mean) @ prepare(refs, mean).T
+    assert (exact.rows == brute.argmin(axis=1)).all()

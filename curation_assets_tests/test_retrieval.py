@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from curation_assets.assets.dedup.references import ensure_reference_vectors, refuse_other_model
-from curation_assets.assets.keys import DECONTAMINATION, RETRIEVAL
+from curation_assets.assets.keys import DECONTAMINATION, RETRIEVAL, SAMPLE
 from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.assets.select.retrieval import selection_path
 from curation_assets.config import load_project, packaged_project_files
@@ -216,6 +216,21 @@ def test_lvd_style_recipe_in_launched_runs(tmp_path: Path, monkeypatch: pytest.M
     assert selected["image_id"].n_unique() == selected.height
     assert not set(selected["image_id"]) & sources, "retrieval must not select decontaminated images"
     assert store.global_path(RETRIEVAL, f"{RETRIEVAL}.parquet").is_file()
+
+    # curated_sample = the selection (its best first, up to its share) ∪ the balanced sample
+    budget, share = project.stages.sampling.budget, project.stages.sampling.retrieval_share
+    sample = pl.read_parquet(store.global_path(SAMPLE, f"{SAMPLE}.parquet"))
+    assert sample.height == budget and sample["image_id"].n_unique() == budget
+    quota = int(budget * share)
+    from_retrieval = sample.filter(pl.col("sampled_by") == "retrieval")
+    assert set(from_retrieval["image_id"]) == set(selected["image_id"].head(quota))
+    assert from_retrieval["seed_set"].is_in(["seed_cats", "seed_coffee"]).all()
+    assert from_retrieval["seed_image"].is_not_null().all()
+    assert (sample["sampled_by"] == "balanced").sum() == budget - from_retrieval.height
+    kept = decided.filter(pl.col("action") != "remove")
+    assert set(kept["image_id"]) == set(sample["image_id"])  # the decisions keep exactly the sample
+    retrieved_kept = kept.filter(pl.col("sampled_by") == "retrieval")
+    assert retrieved_kept["explanation"].str.contains("retrieved from seed set").all()
     shutil.rmtree(home / "labeled_demo")  # the big part of tmp_path: freed at once on a shared machine
 
 
@@ -252,3 +267,66 @@ def test_lvd_style_in_cluster_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     clusters = pl.read_parquet(store.global_path("hierarchical_clusters", "hierarchical_clusters.parquet"))
     joined = selected.join(clusters.select("image_id", "cluster_l1"), on="image_id")
     assert (joined["cluster"] == joined["cluster_l1"]).all()
+
+
+# ----------------------------------------------------------------------------- the combined sample
+
+
+def test_combined_sample_is_the_selection_then_the_balanced_part_to_the_exact_budget():
+    from curation_assets.core.select.sampling import combined_sample
+    from curation_assets_tests.test_sampling import toy_hierarchy
+
+    hierarchy = toy_hierarchy()  # 10 points
+    retrieved = np.array([7, 2, 9, 4])  # best first
+    for budget, share, taken_expected in ((6, 0.5, [7, 2, 9]), (6, 1.0, [7, 2, 9, 4]), (6, 0.0, [])):
+        taken, balanced = combined_sample(hierarchy, retrieved, budget, share, seed=1)
+        assert taken.tolist() == taken_expected  # the selection's best first, up to floor(share x budget)
+        union = np.concatenate([taken, balanced])
+        assert len(union) == budget and len(np.unique(union)) == budget  # exact, no image twice
+        assert not set(balanced.tolist()) & set(retrieved[: len(taken)].tolist())
+    # retrieval short of its share: the balanced part fills the rest
+    taken, balanced = combined_sample(hierarchy, np.array([3]), 8, 0.75, seed=0)
+    assert taken.tolist() == [3] and len(balanced) == 7 and 3 not in balanced.tolist()
+    # a pool smaller than the budget: every point once
+    taken, balanced = combined_sample(hierarchy, retrieved, 20, 0.5, seed=0, warn=lambda _: None)
+    assert sorted(np.concatenate([taken, balanced]).tolist()) == list(range(10))
+
+
+def test_without_retrieval_the_balanced_sample_is_unchanged():
+    from curation_assets.core.select.sampling import combined_sample, hierarchical_sample
+    from curation_assets_tests.test_sampling import toy_hierarchy
+
+    hierarchy = toy_hierarchy()
+    for strategy in ("random", "closest"):
+        _, balanced = combined_sample(hierarchy, np.zeros(0, np.int64), 5, 0.5, strategy=strategy, seed=4)
+        assert balanced.tolist() == hierarchical_sample(hierarchy, 5, strategy=strategy, seed=4).tolist()
+
+
+# ----------------------------------------------------------------------------- the IVF path
+
+
+def test_the_ivf_path_matches_brute_force():
+    """A case forced onto the IVF path (kind ivf): the k nearest within the floor are brute
+    force's (recall >= 0.99), with exact similarities."""
+    from curation_assets.core.dedup.nearest import recall
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(40, 32))
+    pool = clustered(rng, centres, 150, 0.25)  # 6,000 pool images
+    seeds = clustered(rng, centres, 10, 0.25)
+    k = 4
+    want, want_sim = brute_force(pool, seeds, k)
+    found = nearest_pool_images(pool, seeds, k, kind="ivf", min_similarity=0.5)
+    assert recall(found.rows, want, want_sim, 0.5) >= 0.99
+    same = found.rows == want
+    assert same.mean() >= 0.99
+    np.testing.assert_allclose(found.similarity[same], want_sim[same], atol=1e-5)
+    exact = nearest_pool_images(pool, seeds, k)  # auto: this size stays exact
+    assert exact.rows.tolist() == want.tolist()
+    # sample mode over the IVF path: the same selection as the exact path
+    names = [f"s{i}" for i in range(len(seeds))]
+    ids = [f"p{i}" for i in range(len(pool))]
+    by_ivf, _ = sample_selection(ids, pool, {"seeds": (names, seeds)}, k, 0.5, kind="ivf")
+    by_flat, _ = sample_selection(ids, pool, {"seeds": (names, seeds)}, k, 0.5, kind="flat")
+    shared = set(by_ivf["image_id"]) & set(by_flat["image_id"])
+    assert len(shared) >= 0.99 * by_flat.height

@@ -103,5 +103,5 @@ def plot_md(path: Path, alt: str) -> dg.MetadataValue:
     file does not open from the browser either; an image embedded as a data URI is what the UI
     renders. Every ``*_plot`` metadata entry goes through here so they all look the same.
     """
-    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    encoded = base64.b64encode(path.read_bytes()).decode()  # a Path, or a UPath on object storage
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})\n\n`{path}`")

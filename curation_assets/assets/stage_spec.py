@@ -49,7 +49,7 @@ class PassContext:
 
         path = self.store.shard_path(self.key.path[-1], self.shard)
         if self.output is None:
-            table = pl.read_parquet(path)
+            table = self.store.read_parquet(path)
         else:
             table = to_frame(self.output.rows[self.key.path[-1]])
             self.store.write_parquet(table, path, metadata={**metadata, SIGNATURE: self.signature})

@@ -96,11 +96,12 @@ def map_chunks(
     chunk; an exception it raises is the caller's and propagates (after the workers are
     stopped).
     """
-    chunks = _split_chunks(items, chunk_size)
+    chunks = _Chunks(items, chunk_size)
     collected = _OrderedRows(len(items), progress, sink)
     workers = min(int(workers), len(chunks))
     if workers <= 1 or multiprocessing.current_process().daemon:
-        for chunk in chunks:
+        while chunks:
+            chunk = chunks.popleft()
             try:
                 chunk_rows = worker(chunk[1], *args)
             except Exception as exc:  # the same rows a pooled task that raises gets
@@ -108,7 +109,7 @@ def map_chunks(
             collected.add(chunk, chunk_rows)
         return collected.rows if sink is None else []
     _preload_in_forkserver(worker)
-    pending = deque(chunks)
+    pending = chunks
     in_flight = workers * max(1, int(in_flight_per_worker))
     while pending:  # one round per pool: a dead worker ends a round, a fresh pool starts the next
         lost = _run_round(pending, worker, args, workers, in_flight, collected, failed_row)
@@ -129,9 +130,33 @@ def _preload_in_forkserver(worker: Callable[..., Any]) -> None:
         multiprocessing.set_forkserver_preload(sorted({"__main__", worker.__module__}))
 
 
-def _split_chunks(items: Sequence[Any], chunk_size: int) -> list[_Chunk]:
-    size = max(1, int(chunk_size))
-    return [(start, tuple(items[start : start + size])) for start in range(0, len(items), size)]
+class _Chunks:
+    """The chunks not yet run, sliced from ``items`` only when taken.
+
+    Lazily, because slicing may do work: a byte feed (core.ingest.feed) reads the chunk's
+    bytes from object storage or a parquet file when it is sliced, so only the chunks in
+    flight are ever in memory. A chunk given back (its pool broke first) is taken again.
+    """
+
+    def __init__(self, items: Sequence[Any], chunk_size: int):
+        self.items, self.size = items, max(1, int(chunk_size))
+        self.next, self.returned = 0, deque[_Chunk]()
+
+    def __len__(self) -> int:
+        return len(self.returned) + -(-(len(self.items) - self.next) // self.size)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def popleft(self) -> _Chunk:
+        if self.returned:
+            return self.returned.popleft()
+        start = self.next
+        self.next = min(start + self.size, len(self.items))
+        return start, tuple(self.items[start : self.next])
+
+    def appendleft(self, chunk: _Chunk) -> None:
+        self.returned.appendleft(chunk)
 
 
 class _OrderedRows:
@@ -190,7 +215,7 @@ def _stop_pool(pool: ProcessPoolExecutor, *, graceful: bool) -> None:
 
 
 def _run_round(
-    pending: deque[_Chunk],
+    pending: _Chunks,
     worker: Callable[..., list[Any]],
     args: tuple[Any, ...],
     workers: int,

@@ -46,6 +46,7 @@ from curation_assets.core.ingest.sanitize import (
     rejected_row,
     unreadable_row,
 )
+from curation_assets.core.ingest.sources import ByteFeed, needs_feed
 from curation_assets.core.outputs.reasons import Reason, Status
 from curation_assets.core.pool import map_chunks
 
@@ -69,6 +70,7 @@ class PassItem:
     offset: int | None = None
     size: int | None = None
     name: str = ""  # file or member name, for the extension the sanitize checks read
+    data: bytes | None = None  # the bytes, when the main process read them (core.ingest.sources)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def model_input(image: Image.Image | Pyramid, prep: Preprocessing) -> torch.Tens
 
 def _process(item: PassItem, plan: PassPlan) -> ItemOutput:
     try:
-        data = read_bytes(item.source_path, item.offset, item.size)
+        data = item.data if item.data is not None else read_bytes(item.source_path, item.offset, item.size)
     except Exception as exc:  # OSError mostly; a bad offset gives ValueError
         if plan.sanitize is not None:
             return ItemOutput(sanitize=unreadable_row(exc, item.size or 0))
@@ -334,6 +336,10 @@ def run_pass(
 ) -> PassOutput:
     """Run ``plan`` over ``items`` in ``workers`` processes and ``models`` on the results.
 
+    Bytes on object storage or in parquet shards are read here, chunk by chunk as the workers
+    take them (core.ingest.sources.ByteFeed): a tar on a bucket is streamed once, not fetched
+    member by member.
+
     Every model's preprocessing must be one of ``plan.inputs``. Nothing an image does fails
     the pass: an unreadable or undecodable file gets its sanitize row (or, without sanitize,
     an error), and a file that kills its worker is found and recorded as the pool runner
@@ -343,8 +349,13 @@ def run_pass(
     if models and settings is None:
         raise ValueError("a pass with models needs compute settings")
     pooled = workers if len(items) > chunk_size else 0  # one chunk runs in this process
-    with _model_threads(settings, pooled) as model_settings:
-        return _run(items, plan, models, model_settings, workers, chunk_size, progress, start)
+    feed = ByteFeed(items) if any(needs_feed(item.source_path) for item in items) else None
+    try:
+        with _model_threads(settings, pooled) as model_settings:
+            return _run(feed or items, plan, models, model_settings, workers, chunk_size, progress, start)
+    finally:
+        if feed is not None:
+            feed.close()
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ def centring_mean(store: ProjectStore, identity: dict[str, Any], shards: list[st
     folder = store.asset_dir(INDEX)
     mean_file, identity_file = folder / "mean.npy", folder / "mean.json"
     if mean_file.is_file() and identity_file.is_file() and store.read_json(identity_file) == identity:
-        return np.load(mean_file), "near-dedup index mean"
+        return store.read_npy(mean_file), "near-dedup index mean"
     from curation_assets.core.dedup.index import dataset_mean
 
     def chunks():
@@ -82,12 +82,41 @@ def nearest_path(store: ProjectStore, shard: str) -> Path:
     return store.global_path(DECONTAMINATION, f"{NEAREST}/{shard}.parquet")
 
 
+class ReferenceSearch:
+    """How each set's references are searched in this run: exactly, or (a pool x references
+    search past FLAT_MAX_PRODUCTS products) by one IVF index per set, built at the first shard
+    that needs a search (its nprobe calibrated on that shard) and reused for the others."""
+
+    def __init__(self, mean: np.ndarray, pool_rows: int, relevant_distance: float):
+        self.mean, self.pool_rows, self.relevant_distance = mean, pool_rows, relevant_distance
+        self.indexes: dict[str, Any] = {}
+
+    def nearest(self, reference: ReferenceVectors, pool: np.ndarray):
+        from curation_assets.core.dedup.decontaminate import nearest_references, reference_index
+        from curation_assets.core.dedup.nearest import use_ivf
+
+        if reference.name not in self.indexes:
+            ivf = use_ivf(self.pool_rows, len(reference.vectors)) and len(pool) > 0
+            self.indexes[reference.name] = (
+                reference_index(reference.vectors, self.mean, pool, self.relevant_distance) if ivf else None
+            )
+        return nearest_references(
+            pool,
+            reference.vectors,
+            self.mean,
+            kind="flat",
+            relevant_distance=self.relevant_distance,
+            ivf=self.indexes[reference.name],
+        )
+
+
 def shard_nearest(
     store: ProjectStore,
     shard: str,
     identity: dict[str, Any],
     mean: np.ndarray,
     references: list[ReferenceVectors],
+    search: ReferenceSearch | None = None,
 ) -> tuple[pl.DataFrame, float | None]:
     """Each of the shard's images' nearest reference per set: (table, search seconds or None when
     the stored table was current).
@@ -96,8 +125,6 @@ def shard_nearest(
     centring mean, each set's vectors), so a new shard costs a search of its rows alone and a
     threshold change costs no search at all.
     """
-    from curation_assets.core.dedup.decontaminate import nearest_references
-
     ids, vectors, meta = store.read_vectors(COPY_EMBEDDINGS, shard)
     try:
         assert_compatible(shard, meta["model"], identity)
@@ -110,15 +137,13 @@ def shard_nearest(
     )
     path = nearest_path(store, shard)
     if path.is_file() and store.parquet_metadata(path).get("input_signature") == signature:
-        return pl.read_parquet(path), None
+        return store.read_parquet(path), None
     started = time.perf_counter()
     have = ids.filter(pl.col("row").is_not_null()).sort("row")
     image_ids = have["image_id"].to_list()
     pool = np.asarray(vectors)[have["row"].to_numpy()]
-    tables = [
-        nearest_table(image_ids, r.name, r.paths, nearest_references(pool, r.vectors, mean))
-        for r in references
-    ]
+    search = search or ReferenceSearch(mean, len(pool), 0.0)
+    tables = [nearest_table(image_ids, r.name, r.paths, search.nearest(r, pool)) for r in references]
     table = pl.concat(tables) if tables else pl.DataFrame(schema=MATCH_SCHEMA)
     store.write_parquet(table, path, metadata={"input_signature": signature})
     return table, time.perf_counter() - started
@@ -169,8 +194,14 @@ def build_decontamination_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             refuse_other_model(reference, identity)
             references.append(reference)
         searched, nearest, seconds = [], [], 0.0
+        # the IVF path (at scale) is calibrated for the matches the report and decisions read
+        search = ReferenceSearch(
+            mean,
+            sum(project_store.parquet_rows(project_store.shard_path(COPY_EMBEDDINGS, s)) for s in shards),
+            threshold + config.report_margin,
+        )
         for shard in shards:
-            table, took = shard_nearest(project_store, shard, identity, mean, references)
+            table, took = shard_nearest(project_store, shard, identity, mean, references, search)
             nearest.append(table)
             if took is not None:
                 searched.append(shard)

@@ -15,7 +15,6 @@
 """
 
 import json
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -86,7 +85,7 @@ def _centring_mean(store: ProjectStore, folder: Path, vectors: list, identity: d
     """The kept mean of this model's vectors, or a new one over every vector when there is none."""
     kept = folder / MEAN_IDENTITY
     if (folder / MEAN).is_file() and kept.is_file() and json.loads(kept.read_text()) == identity:
-        return np.load(folder / MEAN)
+        return store.read_npy(folder / MEAN)
     from curation_assets.core.dedup.index import dataset_mean
 
     mean = dataset_mean(np.asarray(v[2], dtype=np.float32) for v in vectors)
@@ -148,11 +147,12 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         if incremental:
             assert previous is not None
             version = previous["version"] + 1
-            index = VectorIndex.load(folder / previous["folder"])
+            local = project_store.local_folder(folder / previous["folder"], context.log.info)
+            index = VectorIndex.load(local)
             mean = index.mean
             fresh = [v for v in vectors if v[0] not in previous["shards"]]
-            ids = pl.read_parquet(folder / previous["folder"] / "ids.parquet")
-            prepared_old = np.load(folder / previous["folder"] / "prepared.npy", mmap_mode="r")
+            ids = pl.read_parquet(local / "ids.parquet")
+            prepared_old = np.load(local / "prepared.npy", mmap_mode="r")
             start = len(ids)
         else:
             version = (previous["version"] + 1) if previous else 1
@@ -183,12 +183,12 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         prepared = new_prepared if prepared_old is None else np.concatenate([prepared_old, new_prepared])
         all_ids = pl.concat([ids, new_ids])
 
-        target = folder / f"v{version:06d}"
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        index.save(target)
-        np.save(target / "prepared.npy", prepared)
-        all_ids.write_parquet(target / "ids.parquet")
+        def write_version(local: Path) -> None:
+            index.save(local)
+            np.save(local / "prepared.npy", prepared)
+            all_ids.write_parquet(local / "ids.parquet")
+
+        target = project_store.publish_folder(folder / f"v{version:06d}", write_version)
         manifest = {
             "version": version,
             "folder": target.name,
@@ -203,9 +203,9 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             "why": why,
         }
         project_store.write_json(manifest, folder / MANIFEST)  # the switch to the new version
-        for old in folder.glob("v*"):
-            if old.is_dir() and old.name != target.name:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in folder.iterdir():
+            if old.name.startswith("v") and old.name != target.name and old.is_dir():
+                project_store.remove(old)
         seconds = time.perf_counter() - started
         context.log.info(
             f"{INDEX}: {why}; {len(new_prepared)} vectors added, {len(all_ids)} in all, {seconds:.1f} s"
@@ -260,7 +260,7 @@ def build_pairs_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         manifest = _read_manifest(index_folder)
         if manifest is None:
             raise dg.Failure(f"no {INDEX} yet: materialize it first")
-        version_folder = index_folder / manifest["folder"]
+        version_folder = project_store.local_folder(index_folder / manifest["folder"], context.log.info)
         index = VectorIndex.load(version_folder)
         ids = pl.read_parquet(version_folder / "ids.parquet")["image_id"]
         prepared = np.load(version_folder / "prepared.npy", mmap_mode="r")
@@ -282,7 +282,7 @@ def build_pairs_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             },
             schema=PAIRS_SCHEMA,
         )
-        kept = pl.read_parquet(pairs_path) if incremental else pl.DataFrame(schema=PAIRS_SCHEMA)
+        kept = project_store.read_parquet(pairs_path) if incremental else pl.DataFrame(schema=PAIRS_SCHEMA)
         pairs = pl.concat([kept, found]).unique(["image_id_a", "image_id_b"]).sort("distance", "image_id_a")
         project_store.write_parquet(
             pairs,
@@ -368,7 +368,7 @@ def build_groups_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         pairs_path = project_store.global_path(PAIRS, f"{PAIRS}.parquet")
         if not pairs_path.is_file():
             raise dg.Failure(f"no {PAIRS} yet: materialize it first")
-        pairs = pl.read_parquet(pairs_path)
+        pairs = project_store.read_parquet(pairs_path)
         attributes = keeper_attributes(
             project_store, processed_shards(context, project, project_store, SANITIZED)
         )

@@ -97,7 +97,7 @@ def _result(
     stage = project.stages.aesthetic
     path = store.shard_path(AESTHETIC, shard)
     if clip is None:
-        table, meta = pl.read_parquet(path), store.parquet_metadata(path)
+        table, meta = store.read_parquet(path), store.parquet_metadata(path)
     else:
         mlp = load_project_model(project, stage.model, device)
         ids, vectors = clip

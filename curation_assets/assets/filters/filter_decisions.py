@@ -103,7 +103,7 @@ def duplicate_removed_ids(project: ProjectConfig, store: ProjectStore) -> set[st
         path = store.global_path(asset, f"{asset}.parquet")
         if not path.is_file():
             return None
-        table = pl.read_parquet(path, columns=["image_id", "is_keeper"])
+        table = store.read_parquet(path, columns=["image_id", "is_keeper"])
         removed.update(table.filter(~pl.col("is_keeper"))["image_id"].to_list())
     return removed
 

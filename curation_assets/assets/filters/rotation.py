@@ -42,7 +42,7 @@ def finish_rotation(ctx: PassContext) -> dg.MaterializeResult:
     stage = ctx.project.stages.rotation
     path = ctx.store.shard_path(ROTATION, ctx.shard)
     if ctx.output is None:
-        table = pl.read_parquet(path)
+        table = ctx.store.read_parquet(path)
     else:
         out = ctx.output.models[stage.model]
         for image_id, error in zip(ctx.kept["image_id"], ctx.output.errors, strict=True):

@@ -58,7 +58,7 @@ def skip_or_compute(
     path = store.shard_path(asset, shard)
     if stored_signature(store, asset, shard) == signature:
         context.log.info(f"{asset} {shard}: inputs unchanged, kept the existing table")
-        return pl.read_parquet(path), store.parquet_metadata(path), True
+        return store.read_parquet(path), store.parquet_metadata(path), True
     table, extra = compute()
     meta = {**extra, SIGNATURE: signature}
     store.write_parquet(table, path, metadata=meta)

@@ -16,6 +16,7 @@ from curation_assets.assets.keys import INVENTORY, MANIFESTS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.ingest.retirement import RetirementBatch, ShardToRetire, retire_shards, retired_root
 from curation_assets.core.ingest.shards import Discovery, Shard, discover_shards, shard_for_key
+from curation_assets.core.storage import is_remote
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 FINGERPRINT_KEY = "fingerprint"  # parquet metadata the inventory records for its shard
@@ -249,7 +250,8 @@ def build_discovery_sensor(
     # this machine would otherwise tick every minute only to say its roots are missing.
     # ``sensor_running`` stays the user's switch; a root that appears later needs the sensor
     # started from the UI (or a reload of the code location).
-    any_root_exists = any(Path(root).is_dir() for root in project.dataset.roots.values())
+    # Object-store roots are not listed at load time (a network call per load): taken as present.
+    any_root_exists = any(is_remote(root) or Path(root).is_dir() for root in project.dataset.roots.values())
     running = project.discovery.sensor_running and any_root_exists
     description = (
         f"Scans {project.name}'s roots; adds new shards as partitions and runs only those; "

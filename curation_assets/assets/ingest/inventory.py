@@ -31,7 +31,8 @@ def build_inventory_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
         # next sensor tick see a change and re-run, rather than being missed.
         fingerprint = shard.fingerprint(project.dataset.follow_symlinks)
         rate = RateLogger(context.log, f"inventory {shard.key}", unit="files")
-        table = build_inventory(shard, list_shard_files(shard, project.dataset.follow_symlinks), rate)
+        files = list_shard_files(shard, project.dataset.follow_symlinks, project.dataset.parquet)
+        table = build_inventory(shard, files, rate)
         files_per_s = rate.finish(len(table))
         path = project_store.shard_path(INVENTORY, shard.key)
         project_store.write_parquet(
@@ -63,7 +64,8 @@ def build_inventory_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
 
 
 def read_inventory(store: StoreResource, project: ProjectConfig, shard: str) -> pl.DataFrame:
-    path = store.for_project(project).shard_path(INVENTORY, shard)
+    project_store = store.for_project(project)
+    path = project_store.shard_path(INVENTORY, shard)
     if not path.is_file():
         raise dg.Failure(f"no image_inventory for shard {shard!r} at {path}: materialize it first")
-    return pl.read_parquet(path)
+    return project_store.read_parquet(path)

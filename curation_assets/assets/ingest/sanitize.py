@@ -104,8 +104,10 @@ def sanitize_signature(project: ProjectConfig, inventory: pl.DataFrame) -> str:
 
 def kept_images(store: ProjectStore, shard: str) -> pl.DataFrame:
     """Sanitize rows that are not rejected, with where their bytes are (from the inventory)."""
-    sanitized = pl.read_parquet(store.shard_path(SANITIZED, shard))
-    where = pl.read_parquet(store.shard_path(INVENTORY, shard), columns=["image_id", "source_path", "offset"])
+    sanitized = store.read_parquet(store.shard_path(SANITIZED, shard))
+    where = store.read_parquet(
+        store.shard_path(INVENTORY, shard), columns=["image_id", "source_path", "offset"]
+    )
     return (
         sanitized.filter(pl.col("status") != Status.REJECTED)
         .select("image_id", "content_hash", "size_bytes", "width", "height")
@@ -142,7 +144,7 @@ def finish_sanitize(
     rules = project.stages.sanitize
     path = store.shard_path(SANITIZED, shard)
     if output is None:
-        table = pl.read_parquet(path)
+        table = store.read_parquet(path)
         images_per_s = None
     else:
         candidates = inventory.filter(pl.col("is_image"))["image_id"]
@@ -183,7 +185,7 @@ def finish_sanitize(
 
 def shard_sanitize_signature(project: ProjectConfig, store: ProjectStore, shard: str) -> str:
     """Today's sanitize signature of a shard, from its stored inventory."""
-    return sanitize_signature(project, pl.read_parquet(store.shard_path(INVENTORY, shard)))
+    return sanitize_signature(project, store.read_parquet(store.shard_path(INVENTORY, shard)))
 
 
 SANITIZE_PART = DecodePart(

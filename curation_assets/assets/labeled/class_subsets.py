@@ -104,8 +104,11 @@ def caption_mask(project: ProjectConfig, pool: pl.DataFrame, device: str) -> np.
     """Which rows of ``pool`` have a caption close enough to their class's definition."""
     config = project.class_subsets.caption_filter
     where = "class_subsets.caption_filter"
-    if project.labels.source != "file" or not project.labels.caption_column:
-        raise dg.Failure(f"{where}: captions come from the labels file (labels.source file, caption_column)")
+    if project.labels.source not in ("file", "column") or not project.labels.caption_column:
+        raise dg.Failure(
+            f"{where}: captions come from the labels file or the metadata "
+            "(labels.source file or column, with caption_column)"
+        )
     if not config.class_definitions:
         raise dg.Failure(f"{where}.class_definitions: a CSV/JSON of class -> definition text is required")
     entry = project.models.get(config.text_model)

@@ -403,8 +403,8 @@ def external_flags(project: ProjectConfig, images: pl.DataFrame) -> tuple[pl.Dat
     return flags.filter(pl.col("flag").is_not_null()), stats
 
 
-def _read(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path) if path.is_file() else None
+def _read(store: ProjectStore, path: Path) -> pl.DataFrame | None:
+    return store.read_parquet(path) if path.is_file() else None
 
 
 def review_inputs(project: ProjectConfig) -> list[str]:
@@ -443,7 +443,7 @@ def machine_flags(
     }
     for name in review_inputs(project):
         path, to_flags = readers[name]
-        table = _read(path)
+        table = _read(store, path)
         if table is None:
             # Review what exists rather than fail: the page is useful before every stage ran.
             log.warning(f"{name} is not materialized yet: its flags are missing from the review")
@@ -629,7 +629,7 @@ def build_cleaning_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     )
     def cleaning_outputs(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         project_store = store.for_project(project)
-        manifest = _read(manifest_path(project_store))
+        manifest = _read(project_store, manifest_path(project_store))
         if manifest is None:
             raise dg.Failure(f"no {REVIEW} at {manifest_path(project_store)}: materialize it first")
         try:

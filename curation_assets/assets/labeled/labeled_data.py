@@ -15,7 +15,12 @@ import polars as pl
 from curation_assets.assets.keys import INVENTORY, SANITIZED, SEMANTIC_EMBEDDINGS
 from curation_assets.config import ProjectConfig
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
-from curation_assets.core.labeled.labels import labels_from_layout, match_labels, read_labels_file
+from curation_assets.core.labeled.labels import (
+    labels_from_layout,
+    labels_from_metadata,
+    match_labels,
+    read_labels_file,
+)
 from curation_assets.core.outputs.reasons import Status
 from curation_assets.resources.store import ProjectStore
 
@@ -31,6 +36,7 @@ IMAGES_SCHEMA: dict[str, pl.DataType] = {
     "status": pl.String(),
     "reasons": pl.List(pl.String()),
     "detail": pl.String(),
+    "metadata": pl.String(),  # the inventory's JSON metadata (WebDataset sidecars, parquet columns)
     "label": pl.String(),
     "caption": pl.String(),
 }
@@ -47,7 +53,7 @@ def all_images(store: ProjectStore, shards: list[str]) -> pl.DataFrame:
     if inventory is None or sanitized is None:
         return pl.DataFrame(schema={k: v for k, v in IMAGES_SCHEMA.items() if k not in ("label", "caption")})
     files = inventory.filter(pl.col("is_image")).select(
-        "image_id", "shard", "split", "rel_path", "source_path", "offset", "size_bytes"
+        "image_id", "shard", "split", "rel_path", "source_path", "offset", "size_bytes", "metadata"
     )
     status = sanitized.select("image_id", "content_hash", "status", "reasons", "detail")
     return files.join(status, on="image_id", how="inner").collect().sort("image_id")
@@ -61,7 +67,9 @@ def kept(images: pl.DataFrame) -> pl.DataFrame:
 def with_labels(project: ProjectConfig, images: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, Any]]:
     """``images`` plus label and caption columns (null when unknown), and how the labels matched.
 
-    ``labels.source``: ``layout`` reads the class folder under each split's root; ``file``
+    ``labels.source``: ``column`` reads ``label_column`` (and ``caption_column``) from each
+    image's metadata (parquet columns, WebDataset sidecars); ``layout`` reads the class folder
+    under each split's root; ``file``
     reads the labels file and ties its references to image_ids by id, full path or path
     suffix (see :func:`curation_assets.core.labeled.labels.resolve_refs`). A file reference that
     matches no image, or several, is counted, not fatal: a labels file usually covers
@@ -71,6 +79,9 @@ def with_labels(project: ProjectConfig, images: pl.DataFrame) -> tuple[pl.DataFr
     stats: dict[str, Any] = {"label_source": config.source}
     if config.source == "none" or images.is_empty():
         out = images.with_columns(label=pl.lit(None, pl.String()), caption=pl.lit(None, pl.String()))
+    elif config.source == "column":
+        found = labels_from_metadata(images, config.label_column, config.caption_column)
+        out = images.join(found, on="image_id", how="left")
     elif config.source == "layout":
         layout = labels_from_layout(images, roots=project.dataset.roots)
         out = images.join(layout.select("image_id", "label"), on="image_id", how="left").with_columns(

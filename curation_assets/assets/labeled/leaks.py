@@ -267,7 +267,7 @@ def build_leaks_asset(project: ProjectConfig) -> dg.AssetsDefinition:
 def leak_rows(store: ProjectStore) -> pl.DataFrame | None:
     """The stored leak table (None before the first run)."""
     path = store.global_path(LEAKS, f"{LEAKS}.parquet")
-    return pl.read_parquet(path) if path.is_file() else None
+    return store.read_parquet(path) if path.is_file() else None
 
 
 __all__ = [

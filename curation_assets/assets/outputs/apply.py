@@ -41,6 +41,7 @@ from curation_assets.core.outputs.apply import (
     unrestored_applies,
 )
 from curation_assets.core.outputs.decisions import KEEP_WITH_FIX
+from curation_assets.core.storage import is_remote
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 
@@ -66,6 +67,26 @@ def journal_path(project: ProjectConfig, backup_root: str | None = None) -> Path
     return Path(root).expanduser().resolve() / f"{project.name}.journal.jsonl" if root else None
 
 
+def refuse_object_storage(
+    project: ProjectConfig, what: str, storage_root: str | None, backup_root: str | None = None
+) -> None:
+    """Apply and restore move files on local disks only (renames that a journal can undo, under a
+    file lock): refuse, naming the location, when any of their places is on object storage."""
+    places = {
+        **{f"dataset.roots.{split}": root for split, root in project.dataset.roots.items()},
+        "storage_root": storage_root or project.storage_root,
+        "apply.backup_root": backup_root or project.apply.backup_root,
+    }
+    remote = {key: value for key, value in places.items() if value and is_remote(value)}
+    if remote:
+        named = ", ".join(f"{key} = {value}" for key, value in remote.items())
+        raise ApplyRefused(
+            f"{what} works on local directories only (it renames files and journals every move); "
+            f"{named} is on object storage. Materialize curated_dataset to export the curated subset "
+            "instead, or run the project on local copies."
+        )
+
+
 def registry_path(store: ProjectStore) -> Path:
     return store.global_path(APPLY_JOURNALS, "applies.json")
 
@@ -84,6 +105,7 @@ def run_apply(
     project: ProjectConfig, store: StoreResource, confirm: bool, log, run_id: str | None = None
 ) -> dict:
     """Plan from the stored decisions, apply, and register the journal; returns the summary (plain values)."""
+    refuse_object_storage(project, "apply", store.storage_root)
     if project.dataset.input_kind != "directory":
         raise ApplyRefused(
             f"project {project.name!r} reads WebDataset tar shards, which are never modified; "
@@ -97,7 +119,7 @@ def run_apply(
     path = decisions_path(project_store)
     if not path.is_file():
         raise ApplyRefused("no curation_decisions yet: materialize the project first")
-    removed, fixed = apply_plans(project, pl.read_parquet(path))
+    removed, fixed = apply_plans(project, project_store.read_parquet(path))
     roots = {split: Path(root) for split, root in project.dataset.roots.items()}
     actions = plan_actions(removed, fixed, roots)
     log.info(f"apply: {removed.height} file(s) to move out, {fixed.height} to fix in place")
@@ -158,6 +180,7 @@ def choose_journal(
 
 def run_restore(project: ProjectConfig, store: StoreResource, backup_root: str | None, log) -> dict:
     """Reverse the chosen apply journal and mark it restored in the registry."""
+    refuse_object_storage(project, "restore", store.storage_root, backup_root)
     journal, why = choose_journal(project, store, backup_root)
     for line in why:
         log.info(line)

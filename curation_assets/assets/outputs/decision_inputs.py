@@ -23,7 +23,7 @@ def _read_required(store: ProjectStore, asset: str) -> pl.DataFrame:
     path = _global(store, asset)
     if not path.is_file():
         raise MissingInputError(f"no {asset} yet: materialize it first")
-    return pl.read_parquet(path)
+    return store.read_parquet(path)
 
 
 def project_stages(project: ProjectConfig, with_sample: bool) -> list[str]:
@@ -57,7 +57,7 @@ def load_decision_inputs(
     if sample_path is not None:
         if not sample_path.is_file():
             raise MissingInputError(f"no sample at {sample_path}: materialize curated_sample first")
-        sample = pl.read_parquet(sample_path)
+        sample = store.read_parquet(sample_path)
 
     def output_of(decides: str) -> pl.DataFrame | None:
         return _read_required(store, decision_asset(project, decides)) if decides in stages else None

@@ -181,7 +181,7 @@ def build_decisions_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "dagster/row_count": decisions.height,
                 "path": dg.MetadataValue.path(str(out)),
             },
-            check_results=decision_checks(decisions, pl.read_parquet(path) if path else None),
+            check_results=decision_checks(decisions, project_store.read_parquet(path) if path else None),
         )
 
     return curation_decisions

@@ -19,6 +19,7 @@ from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.config import ProjectConfig
 from curation_assets.core.outputs.decisions import REMOVE
 from curation_assets.core.outputs.export import export_tree, export_webdataset, write_manifest
+from curation_assets.core.storage import as_location, is_remote, upload_tree
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 CHECK_MANIFEST = "manifest_equals_kept_set"
@@ -27,7 +28,25 @@ PLAN_COLUMNS = ["image_id", "split", "source_path", "offset", "size_bytes", "con
 
 
 def export_root(project: ProjectConfig, store: ProjectStore) -> Path:
-    return Path(project.export.root) if project.export.root else store.global_path(EXPORT, "export")
+    if project.export.root:
+        return as_location(project.export.root, project.storage_options)
+    return store.global_path(EXPORT, "export")
+
+
+def export_staging(project: ProjectConfig, store: ProjectStore, root: Path) -> Path:
+    """Where the export is written: its root, or (on object storage) a local folder uploaded after.
+
+    Links cannot point from object storage into a dataset, so only the copy, webdataset and
+    manifest layouts go there; the staging folder keeps finished files, so a re-run resumes.
+    """
+    if not is_remote(str(root)):
+        return root
+    if project.export.layout in ("symlink", "hardlink"):
+        raise dg.Failure(
+            f"export.layout {project.export.layout!r} makes links, which object storage cannot hold "
+            f"(export root {root}): use copy, webdataset or manifest"
+        )
+    return store.work_path(EXPORT, "staging") if store.remote else store.global_path(EXPORT, "staging")
 
 
 def plan_from_decisions(decisions: pl.DataFrame, keep: bool = True) -> pl.DataFrame:
@@ -70,8 +89,9 @@ def build_export_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         path = decisions_path(project_store)
         if not path.is_file():
             raise dg.Failure(f"no {DECISIONS} yet: materialize it first")
-        plan = plan_from_decisions(pl.read_parquet(path))
-        out_dir = export_root(project, project_store)
+        plan = plan_from_decisions(project_store.read_parquet(path))
+        root = export_root(project, project_store)
+        out_dir = export_staging(project, project_store, root)
         manifest = write_manifest(plan, out_dir)
         rate = RateLogger(context.log, f"export ({config.layout})")
         if config.layout == "webdataset":
@@ -92,15 +112,19 @@ def build_export_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             )
         for image_id, why in (summary.failed if summary else [])[:20]:
             context.log.warning(f"{image_id}: not exported ({why})")
+        if out_dir != root:  # the manifest and file list go last: they make the export visible
+            names = tuple(Path(manifest[k]).relative_to(out_dir).as_posix() for k in ("manifest", "files"))
+            sent = upload_tree(out_dir, root, last=names, skip_same_size=True)
+            context.log.info(f"export uploaded to {root}: {sent} object(s) written, the rest already there")
         written = pl.read_parquet(manifest["manifest"], columns=["image_id"])
         failed = len(summary.failed) if summary else 0
         metadata = {
             "layout": config.layout,
             "images": plan.height,
             "with_fixes": int((plan["fixes"].list.len() > 0).sum() + (plan["rotate"] != 0).sum()),
-            "manifest": dg.MetadataValue.path(str(manifest["manifest"])),
-            "file_list": dg.MetadataValue.path(str(manifest["files"])),
-            "root": dg.MetadataValue.path(str(out_dir)),
+            "manifest": dg.MetadataValue.path(str(root / Path(manifest["manifest"]).relative_to(out_dir))),
+            "file_list": dg.MetadataValue.path(str(root / Path(manifest["files"]).relative_to(out_dir))),
+            "root": dg.MetadataValue.path(str(root)),
             "dagster/row_count": plan.height,
         }
         if summary:

@@ -35,6 +35,7 @@ from curation_assets.core.outputs.report import (
     render_report,
     select_threshold_examples,
 )
+from curation_assets.core.storage import upload_tree
 from curation_assets.resources.store import ProjectStore, StoreResource
 
 
@@ -158,8 +159,8 @@ def cluster_section(
     if not (project.stages.sampling.enabled and clusters_path.is_file() and sample_path.is_file()):
         return None
     top = f"cluster_l{len(project.stages.clustering.levels)}"
-    clusters = pl.read_parquet(clusters_path)
-    sample = pl.read_parquet(sample_path)
+    clusters = store.read_parquet(clusters_path)
+    sample = store.read_parquet(sample_path)
     sizes = dict(clusters.group_by(top).len().iter_rows())
     samples = dict(sample.group_by(top).len().iter_rows())
     shown = sorted(samples, key=lambda c: (-samples[c], c))[:n_clusters]
@@ -182,12 +183,12 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
         groups = store.global_path(GROUPS, f"{GROUPS}.parquet")
         threshold = project.stages.near_dedup.threshold
         if pairs.is_file():
-            pair_table = pl.read_parquet(pairs)
+            pair_table = store.read_parquet(pairs)
             data.near_dup_distances = np.clip(pair_table["distance"].to_numpy(), 0.0, 2.0)
             data.near_pairs_below, data.near_pairs_above = near_pairs(pair_table, threshold, locate, n)
         data.near_dup_threshold = threshold
         if groups.is_file():
-            data.duplicate_groups = duplicate_examples(pl.read_parquet(groups), locate, n)
+            data.duplicate_groups = duplicate_examples(store.read_parquet(groups), locate, n)
     data.filters = filter_sections(project, decisions, locate, n)
     if project.stages.rotation.enabled:
         data.rotations = rotation_examples(decisions, locate, n)
@@ -226,7 +227,7 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         path = decisions_path(project_store)
         if not path.is_file():
             raise dg.Failure(f"no {DECISIONS} yet: materialize it first")
-        data = build_report_data(project, project_store, pl.read_parquet(path))
+        data = build_report_data(project, project_store, project_store.read_parquet(path))
         retired_shards, retired_images = retired_counts(project_store)
         if retired_shards:
             data.notes["retired shards"] = (
@@ -234,15 +235,20 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 f"retired; their outputs were moved to {retired_root(project_store.root)} "
                 "(each batch's manifest.json lists them)"
             )
-        files = render_report(data, report_dir(project_store), thumb_side=project.report.thumb_side)
+        target = report_dir(project_store)
+        # on object storage the page is rendered locally, then uploaded with report.html last
+        local = project_store.work_path(REPORT, "staging") if project_store.remote else target
+        files = render_report(data, local, thumb_side=project.report.thumb_side)
         for image_id, error in files.broken_thumbnails[:20]:
             context.log.warning(f"report thumbnail of {image_id}: {error}")
-        context.log.info(f"report: {files.html}")
+        if project_store.remote:
+            upload_tree(local, target, last=(files.html.relative_to(local).as_posix(),))
+            page = f"`{target / files.html.relative_to(local).as_posix()}`"
+        else:  # a path entry only copies to the clipboard; a file:// link opens the page itself
+            page = f"[open report.html]({files.html.resolve().as_uri()})\n\n`{files.html.resolve()}`"
+        context.log.info(f"report: {page.strip('`')}")
         metadata = {
-            # a path entry only copies to the clipboard; a file:// link opens the page itself
-            "report": dg.MetadataValue.md(
-                f"[open report.html]({files.html.resolve().as_uri()})\n\n`{files.html.resolve()}`"
-            ),
+            "report": dg.MetadataValue.md(page),
             "report_embedded_mib": round(files.embedded_bytes / 2**20, 2),
             "report_images_linked_past_budget": files.linked_images,
             "sections": ", ".join(files.sections),

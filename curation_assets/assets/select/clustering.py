@@ -6,7 +6,10 @@
   level is cached, so an interrupted run resumes where it stopped. Runs in pool "gpu" on
   the compute resource's device.
 - `curated_sample`: top-down water-filling to exactly the budget (project file, or the
-  `budget` run config at launch), `random` or `closest` members of each leaf cluster.
+  `budget` run config at launch), `random` or `closest` members of each leaf cluster. With
+  seed sets (and `stages.sampling.retrieval_share` > 0) it is `retrieval_selection` ∪ the
+  balanced sample: the selection's best first up to its share, the balanced sample drawn from
+  the other images for the rest; column `sampled_by` says which part each image is in.
 """
 
 import time
@@ -21,6 +24,7 @@ from curation_assets.assets.common import asset_key, group_name, md_table, plot_
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.keys import (
     CLUSTERS,
+    RETRIEVAL,
     SAMPLE,
     SANITIZED,
     SEMANTIC_EMBEDDINGS,
@@ -31,11 +35,17 @@ from curation_assets.assets.outputs.decision_inputs import (
     decisions_for,
     project_stages,
 )
+from curation_assets.assets.select.retrieval import retrieval_enabled, selection_path
 from curation_assets.config import ProjectConfig
 from curation_assets.core.atomic import atomic_path
 from curation_assets.core.embed.vectors import VectorMismatchError, assert_compatible
 from curation_assets.core.outputs.decisions import survivors
-from curation_assets.core.select.sampling import gini, hierarchical_sample, normalized_entropy
+from curation_assets.core.select.sampling import (
+    combined_sample,
+    gini,
+    normalized_entropy,
+    retrieval_quota,
+)
 from curation_assets.resources.compute import ComputeResource
 from curation_assets.resources.store import ProjectStore, StoreResource
 
@@ -85,7 +95,7 @@ def gather_vectors(
         except VectorMismatchError as exc:
             raise dg.Failure(str(exc)) from None
     dim = int(reference["dim"])
-    path = store.global_path(CLUSTERS, VECTORS_FILE)
+    path = store.work_path(CLUSTERS, VECTORS_FILE)  # local even when the store is remote
     at, order = 0, []
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
@@ -118,7 +128,7 @@ def load_hierarchy(store: ProjectStore, n_levels: int, metric: str) -> "Hierarch
         files = [_level_file(store, t, what) for what in ("centroids", "assignment", "sizes", "distances")]
         if not all(f.is_file() for f in files):
             raise MissingInputError(f"no {CLUSTERS} level {t}: materialize {CLUSTERS} first")
-        levels.append(LevelResult(*(np.load(f) for f in files)))
+        levels.append(LevelResult(*(store.read_npy(f) for f in files)))
     return Hierarchy(levels=levels, metric=metric)
 
 
@@ -212,7 +222,7 @@ def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             metric=stage.metric,
             seed=stage.seed,
             device=str(settings.device),
-            checkpoint_dir=project_store.global_path(CLUSTERS, "checkpoints"),
+            checkpoint_dir=project_store.work_path(CLUSTERS, "checkpoints"),
             progress=context.log.info,
         )
         seconds = time.perf_counter() - start
@@ -255,14 +265,65 @@ def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     return hierarchical_clusters
 
 
+def with_retrieval(project: ProjectConfig) -> bool:
+    """Whether `curated_sample` takes `retrieval_selection`'s images (seed sets and a share > 0)."""
+    return retrieval_enabled(project) and project.stages.sampling.retrieval_share > 0
+
+
+def retrieved_points(clusters: pl.DataFrame, selection: pl.DataFrame, log) -> pl.DataFrame:
+    """The selection's images that are clustered, best first, with their row in ``clusters``
+    (the hierarchy's point order). An image the clustering did not see (a stale selection) is
+    left out and logged."""
+    rows = clusters.select("image_id").with_row_index("point")
+    found = selection.with_row_index("order").join(rows, on="image_id", how="inner").sort("order")
+    if found.height < selection.height:
+        log.warning(
+            f"{selection.height - found.height} image(s) of {RETRIEVAL} are not in {CLUSTERS} "
+            "(materialize both from the same decisions); left out of the sample"
+        )
+    return found
+
+
+def label_sample(clusters: pl.DataFrame, taken: pl.DataFrame, balanced: np.ndarray) -> pl.DataFrame:
+    """The combined sample in cluster-table order: the clusters' columns, ``sampled_by``
+    (retrieval / balanced) and, for the retrieval part, the seed set, seed image, similarity
+    and level-1 cluster that selected each image."""
+    retrieval = taken.select(
+        "point",
+        sampled_by=pl.lit("retrieval"),
+        seed_set="seed_set",
+        seed_image="seed_image",
+        retrieval_similarity="similarity",
+        retrieval_cluster="cluster",
+    )
+    drawn = pl.DataFrame({"point": np.sort(balanced).astype(np.uint32)}).with_columns(
+        sampled_by=pl.lit("balanced")
+    )
+    parts = pl.concat([retrieval.cast({"point": pl.UInt32}), drawn], how="diagonal_relaxed")
+    return (
+        clusters.with_row_index("point")
+        .join(parts, on="point", how="inner")
+        .sort("point", maintain_order=True)
+        .drop("point")
+    )
+
+
 def build_sample_asset(project: ProjectConfig) -> dg.AssetsDefinition:
     stage = project.stages.sampling
     key = asset_key(project, SAMPLE)
     n_levels = len(project.stages.clustering.levels)
+    combine = with_retrieval(project)
+    deps = [CLUSTERS] + ([RETRIEVAL] if combine else [])
+    combined_text = (
+        f" Combined with {RETRIEVAL}: its most similar images first, up to {stage.retrieval_share:g} of the "
+        "budget; the balanced sample, drawn from the other images, fills the rest (column sampled_by)."
+        if combine
+        else ""
+    )
 
     @dg.asset(
         key=key,
-        deps=[asset_key(project, CLUSTERS)],
+        deps=[asset_key(project, d) for d in deps],
         group_name=group_name(project, "clustering"),
         kinds={"numpy", "parquet"},
         check_specs=[
@@ -275,6 +336,7 @@ def build_sample_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         description=(
             f"Balanced hierarchical sample of exactly {stage.budget:,} images (override with run config "
             f"`budget`): water-filling from the top level down, {stage.strategy} members per leaf cluster."
+            + combined_text
         ),
     )
     def curated_sample(
@@ -290,10 +352,18 @@ def build_sample_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             hierarchy = load_hierarchy(project_store, n_levels, project.stages.clustering.metric)
         except MissingInputError as exc:
             raise dg.Failure(str(exc)) from None
+        retrieved = pl.DataFrame(schema={"point": pl.UInt32})
+        if combine:
+            if not selection_path(project_store).is_file():
+                raise dg.Failure(f"no {RETRIEVAL} yet: materialize it first")
+            selection = pl.read_parquet(selection_path(project_store))
+            retrieved = retrieved_points(clusters, selection, context.log)
         warnings: list[str] = []
-        indices = hierarchical_sample(
+        taken, balanced = combined_sample(
             hierarchy,
+            retrieved["point"].to_numpy(),
             budget,
+            stage.retrieval_share if combine else 0.0,
             strategy=stage.strategy,
             seed=stage.seed,
             multiplier=stage.multiplier,
@@ -301,7 +371,10 @@ def build_sample_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         )
         for line in warnings:
             context.log.warning(line)
-        sample = clusters[np.sort(indices)]
+        if combine:
+            sample = label_sample(clusters, retrieved.head(len(taken)), balanced)
+        else:  # no seed sets: today's sample, unchanged
+            sample = clusters[np.sort(balanced)]
         out = project_store.write_parquet(
             sample,
             project_store.global_path(SAMPLE, f"{SAMPLE}.parquet"),
@@ -310,11 +383,23 @@ def build_sample_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         top = f"cluster_l{n_levels}"
         per_top = sample.group_by(top).len().sort("len", descending=True)
         pool_top = clusters.group_by(top).len()
-        expected = min(budget, clusters.height * stage.multiplier)
+        expected = min(budget, len(taken) + (clusters.height - len(taken)) * stage.multiplier)
         unique = sample["image_id"].n_unique()
+        parts = (
+            {
+                "retrieval share": stage.retrieval_share,
+                "retrieval quota": retrieval_quota(budget, stage.retrieval_share),
+                "retrieval candidates": retrieved.height,
+                "from retrieval": len(taken),
+                "from the balanced sample": len(balanced),
+            }
+            if combine
+            else {}
+        )
         return dg.MaterializeResult(
             metadata={
                 "budget": budget,
+                **parts,
                 "pool": clusters.height,
                 "sampled": sample.height,
                 "unique": unique,

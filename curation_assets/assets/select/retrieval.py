@@ -130,12 +130,14 @@ def build_retrieval_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             centroids_file = project_store.global_path(CLUSTERS, "level1_centroids.npy")
             if not (clusters_file.is_file() and centroids_file.is_file()):
                 raise dg.Failure(f"{RETRIEVAL} (mode cluster): no {CLUSTERS} yet: materialize it first")
-            members = pl.read_parquet(clusters_file, columns=["image_id", "cluster_l1", "distance"])
+            members = project_store.read_parquet(
+                clusters_file, columns=["image_id", "cluster_l1", "distance"]
+            )
             selected, counts = cluster_selection(
                 members["image_id"].to_list(),
                 members["cluster_l1"].to_numpy(),
                 members["distance"].to_numpy(),
-                np.load(centroids_file),
+                project_store.read_npy(centroids_file),
                 seeds,
                 config.cluster_max_distance,
                 config.per_cluster_cap,

@@ -11,6 +11,12 @@ reference set's vectors:
 - the references (thousands to tens of thousands) go into an exact faiss inner-product
   index, and the pool is searched against it in chunks: memory is the references plus one
   chunk, never a pool x references matrix;
+- at scale (more than :data:`~curation_assets.core.dedup.nearest.FLAT_MAX_PRODUCTS` pool x
+  reference products: 25 T multiply-adds at 1M x 50k x 512) the references go into an IVF-Flat
+  index instead, with nprobe chosen for recall >= 0.99 of the matches within
+  ``relevant_distance`` (the threshold plus the report's margin) on a sample of the pool
+  (:mod:`curation_assets.core.dedup.nearest`); farther than that the nearest reference found
+  may not be the nearest, which decides nothing;
 - each pool image gets its nearest reference per set, with the exact cosine distance.
 """
 
@@ -18,9 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:  # nearest imports the index module (faiss): only the searching steps load it
+    from curation_assets.core.dedup.nearest import IvfSearch
 
 MATCH_SCHEMA = {
     "image_id": pl.String(),
@@ -43,22 +53,57 @@ def _chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + chunk)
 
 
+def reference_index(
+    references: np.ndarray,
+    mean: np.ndarray,
+    calibration_pool: np.ndarray,
+    relevant_distance: float | None = None,
+    seed: int = 0,
+) -> IvfSearch:
+    """An IVF index of the (raw) references for :func:`nearest_references`, built once per set and
+    reused for every shard; nprobe is calibrated on a sample of ``calibration_pool``'s rows for
+    recall >= 0.99 of the references within ``relevant_distance`` (all nearest ones when None)."""
+    from curation_assets.core.dedup.nearest import IvfSearch, Prepared
+
+    min_score = None if relevant_distance is None else 1.0 - relevant_distance
+    return IvfSearch.build(
+        Prepared(references, mean), Prepared(calibration_pool, mean), 1, min_score=min_score, seed=seed
+    )
+
+
 def nearest_references(
-    pool: np.ndarray, references: np.ndarray, mean: np.ndarray, chunk: int = 32768
+    pool: np.ndarray,
+    references: np.ndarray,
+    mean: np.ndarray,
+    chunk: int = 32768,
+    *,
+    kind: str = "auto",
+    relevant_distance: float | None = None,
+    ivf: IvfSearch | None = None,
 ) -> NearestReferences:
     """The nearest of ``references`` to each row of ``pool`` (raw vectors, float16 or float32).
 
     Both are prepared with ``mean`` (centred, L2-normalised); the pool one chunk at a time, so a
-    memory-mapped pool is read once and never held as float32 whole.
+    memory-mapped pool is read once and never held as float32 whole. ``kind``: ``flat`` (exact),
+    ``ivf`` or ``auto`` (IVF above FLAT_MAX_PRODUCTS products); ``ivf``: an index from
+    :func:`reference_index` to reuse (else one is built here, calibrated on this pool).
     """
     import faiss
 
     from curation_assets.core.dedup.index import prepare
+    from curation_assets.core.dedup.nearest import Prepared, use_ivf
 
     n = len(pool)
     rows = np.full(n, -1, dtype=np.int64)
     distance = np.full(n, np.inf, dtype=np.float32)
     if not n or not len(references):
+        return NearestReferences(rows, distance)
+    if ivf is not None or use_ivf(n, len(references), kind):
+        ivf = ivf or reference_index(references, mean, pool, relevant_distance)
+        found, score = ivf.search(Prepared(pool, mean), 1)
+        hit = found[:, 0] >= 0
+        rows[hit] = found[hit, 0]
+        distance[hit] = (1.0 - score[hit, 0]).astype(np.float32)
         return NearestReferences(rows, distance)
     prepared_refs = prepare(np.asarray(references), mean)
     index = faiss.IndexFlatIP(prepared_refs.shape[1])

@@ -44,8 +44,13 @@ def read_bytes(source_path: str, offset: int | None = None, size: int | None = N
 
     The container case reads a WebDataset tar member in place from its data offset. A
     container that ends before ``offset + size`` raises :class:`OSError` (a short read is
-    an unreadable member, not a smaller image).
+    an unreadable member, not a smaller image). Objects on object storage and parquet rows
+    are read through core.ingest.sources.
     """
+    from curation_assets.core.ingest.sources import needs_feed, read_source
+
+    if needs_feed(source_path):
+        return read_source(source_path, offset, size)
     with open(source_path, "rb", buffering=0) as handle:
         if offset is None:
             return handle.readall()

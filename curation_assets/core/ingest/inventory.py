@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
 from collections.abc import Callable, Iterable
 
@@ -10,6 +12,7 @@ import xxhash
 
 from curation_assets.core.ingest.formats import HEAD_BYTES, classify_file, extension_of
 from curation_assets.core.ingest.shards import Shard, ShardFile
+from curation_assets.core.ingest.sources import ByteFeed, needs_feed, read_source
 from curation_assets.core.outputs.reasons import Reason
 
 _READ_BLOCK = 1 << 20
@@ -28,11 +31,19 @@ INVENTORY_SCHEMA: dict[str, pl.DataType] = {
     "detected_format": pl.String(),
     "is_image": pl.Boolean(),
     "note": pl.String(),
+    "metadata": pl.String(),  # JSON: WebDataset sidecars or a parquet row's other columns (else null)
 }
 
 
 def hash_file(file: ShardFile) -> tuple[str, bytes]:
-    """(xxh3-128 hex digest of the bytes, first bytes) of a file or tar member, streamed."""
+    """(xxh3-128 hex digest of the bytes, first bytes) of a file or tar member, streamed.
+
+    Bytes the listing already read (tar members, parquet rows) are hashed as they are; an
+    object on object storage is read whole (one GET).
+    """
+    if file.data is not None or needs_feed(file.source_path):
+        data = file.data if file.data is not None else read_source(file.source_path, file.offset, file.size)
+        return xxhash.xxh3_128_hexdigest(data), data[:HEAD_BYTES]
     digest = xxhash.xxh3_128()
     head = b""
     with open(file.source_path, "rb") as handle:
@@ -70,13 +81,14 @@ def inventory_row(shard: Shard, file: ShardFile) -> dict:
         "detected_format": None,
         "is_image": False,
         "note": None,
+        "metadata": json.dumps(file.metadata, sort_keys=True, default=str) if file.metadata else None,
     }
     if file.error is not None:
         row["note"] = f"{Reason.UNREADABLE}: {file.error}"
         return row
     try:
         row["content_hash"], head = hash_file(file)
-    except OSError as exc:
+    except Exception as exc:  # OSError locally; object stores raise their own types
         row["note"] = f"{Reason.UNREADABLE}: {type(exc).__name__}: {exc}"
         return row
     real, reason = classify_file(file.rel_path, file.size, head)
@@ -95,8 +107,11 @@ def build_inventory(
     """The inventory table of a shard; ``progress(files_done, files_per_second)`` now and then."""
     rows = []
     start = time.perf_counter()
-    for count, file in enumerate(files, start=1):
-        rows.append(inventory_row(shard, file))
-        if progress and count % progress_every == 0:
-            progress(count, count / max(time.perf_counter() - start, 1e-9))
+    feed = ByteFeed(())  # objects on object storage: fetched 64 at a time, concurrently
+    listed = iter(files)
+    while batch := tuple(itertools.islice(listed, 64)):  # itertools.batched needs Python 3.12
+        for file in feed.fill(batch):
+            rows.append(inventory_row(shard, file))
+            if progress and len(rows) % progress_every == 0:
+                progress(len(rows), len(rows) / max(time.perf_counter() - start, 1e-9))
     return pl.DataFrame(rows, schema=INVENTORY_SCHEMA) if rows else pl.DataFrame(schema=INVENTORY_SCHEMA)

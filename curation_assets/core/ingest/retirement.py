@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from curation_assets.core.storage import as_path, is_remote, move, put_text
+
 RETIRED_DIR = "retired"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -83,7 +85,7 @@ class RestoreResult:
 
 
 def retired_root(store_root: Path) -> Path:
-    return Path(store_root) / RETIRED_DIR
+    return as_path(store_root) / RETIRED_DIR
 
 
 def retire_shards(
@@ -98,7 +100,7 @@ def retire_shards(
     """
     if not shards:
         return None
-    store_root = Path(store_root)
+    store_root = as_path(store_root)
     moment = (now or datetime.now(UTC)).astimezone(UTC)
     folder = _fresh_batch_folder(retired_root(store_root), moment.strftime(_STAMP))
     batch = RetirementBatch(
@@ -121,7 +123,7 @@ def retire_shards(
             target = folder / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                (store_root / rel).replace(target)
+                move(store_root / rel, target)
             except FileNotFoundError:  # a concurrent retirement took it: the manifest still names it
                 continue
     batch.status = "done"
@@ -135,6 +137,8 @@ def _fresh_batch_folder(parent: Path, stamp: str) -> Path:
     for n in range(1, 10_000):
         folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
         try:
+            if is_remote(str(folder)) and folder.exists():  # object storage has no folder to create
+                continue
             folder.mkdir()
             return folder
         except FileExistsError:
@@ -143,13 +147,8 @@ def _fresh_batch_folder(parent: Path, stamp: str) -> Path:
 
 
 def write_manifest(folder: Path, batch: RetirementBatch) -> Path:
-    # Imported here: the discovery sensor imports this module, and core.export pulls in Pillow
-    # and polars, which a sensor tick that retires nothing should not pay for.
-    from curation_assets.core.outputs.export import atomic_target
-
     path = folder / MANIFEST_FILE
-    with atomic_target(path) as tmp:
-        tmp.write_text(json.dumps(batch.to_json(), indent=2, sort_keys=True), encoding="utf-8")
+    put_text(path, json.dumps(batch.to_json(), indent=2, sort_keys=True))
     return path
 
 
@@ -192,7 +191,7 @@ def restore_batch(
     shard's partition is not re-created here: once its folder or tar is back under a root,
     discovery adds it, and its run finds its outputs current instead of redoing them.
     """
-    store_root = Path(store_root)
+    store_root = as_path(store_root)
     folder = retired_root(store_root) / stamp
     manifest = folder / MANIFEST_FILE
     if not manifest.is_file():
@@ -215,7 +214,7 @@ def restore_batch(
                 clean = False
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            source.replace(target)
+            move(source, target)
         if clean:
             shard.restored_at = moment
             result.restored.append(shard.key)

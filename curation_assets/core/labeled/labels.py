@@ -21,6 +21,7 @@ Pure library: no Dagster import.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,6 +74,33 @@ LABEL_ISSUES_SCHEMA: dict[str, pl.DataType] = {
 
 _CHUNK_KEY = re.compile(r"(^|\.)chunk-\d+$")
 _ROOT_FILES_KEY = re.compile(r"(^|\.)_root$")
+
+
+# ----------------------------------------------------------------------------- metadata labels
+
+
+def labels_from_metadata(images: pl.DataFrame, label_key: str, caption_key: str | None) -> pl.DataFrame:
+    """image_id, label, caption from each image's inventory ``metadata`` (JSON): a parquet row's
+    other columns, or a WebDataset sample's ``.json`` fields / ``.cls`` / ``.txt`` members.
+
+    A missing key is a null label, not an error (a partly labeled pool is usual).
+    """
+
+    def value(text: str | None, key: str | None) -> str | None:
+        if text is None or key is None:
+            return None
+        found = json.loads(text).get(key)
+        return None if found is None else str(found)
+
+    texts = images["metadata"].to_list() if "metadata" in images.columns else [None] * images.height
+    return pl.DataFrame(
+        {
+            "image_id": images["image_id"],
+            "label": [value(t, label_key) for t in texts],
+            "caption": [value(t, caption_key) for t in texts],
+        },
+        schema={"image_id": pl.String(), "label": pl.String(), "caption": pl.String()},
+    )
 
 
 # ----------------------------------------------------------------------------- layout labels

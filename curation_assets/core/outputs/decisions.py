@@ -43,7 +43,9 @@ class DecisionInputs:
     exact: pl.DataFrame | None = None  # image_id, is_keeper, keeper_id, match
     near: pl.DataFrame | None = None  # image_id, is_keeper, keeper_id, distance
     filters: pl.DataFrame | None = None  # image_id, removed, removed_by, scores, rotate
-    sample: pl.DataFrame | None = None  # image_id (+ cluster columns) of the curated sample
+    # image_id (+ cluster columns; with seed sets sampled_by, seed_set, seed_image,
+    # retrieval_similarity, retrieval_cluster) of the curated sample
+    sample: pl.DataFrame | None = None
     # image_id, reference_set, reference_image, distance (one row per image and evaluation set);
     # last, so that positional callers of the earlier fields are unaffected
     contamination: pl.DataFrame | None = None
@@ -258,6 +260,12 @@ def _explanations(frame: pl.DataFrame) -> pl.Series:
             parts.append(f"filtered by {name}" + _margin_text(row, name, margin_columns))
         if row.get("times_sampled") is None and row["stage"] == "sampling":
             parts.append("not sampled (balanced sampling budget)")
+        if row.get("sampled_by") == "retrieval" and row["stage"] is None:
+            # kept for being near a seed image, not drawn by the balanced sample
+            parts.append(
+                f"retrieved from seed set {row['seed_set']} (seed image {row['seed_image']}, "
+                f"similarity {row['retrieval_similarity']:.4f})"
+            )
         if row["fixes"]:
             parts.append("fixes: " + ", ".join(row["fixes"]))
         out.append("; ".join(parts) if parts else "kept")

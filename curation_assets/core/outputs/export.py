@@ -38,6 +38,7 @@ from curation_assets.core.atomic import atomic_path
 from curation_assets.core.filters.rotation import upright
 from curation_assets.core.ingest.formats import FORMAT_EXTENSIONS, extension_of, sniff_format
 from curation_assets.core.ingest.images import describe_error, load_rgb, read_bytes
+from curation_assets.core.ingest.sources import needs_feed
 from curation_assets.core.outputs.reasons import Fix
 
 PLAN_COLUMNS: tuple[str, ...] = (
@@ -508,9 +509,12 @@ def _export_one(
 ) -> None:
     assert item.recipe is not None
     dest = out_dir / item.out_rel
+    # objects and parquet rows are read through the byte reader (core.ingest.sources), never linked
+    fed = needs_feed(item.source_path)
     source = Path(item.source_path).absolute()
-    guard.check(dest, source)
-    is_member = item.offset is not None
+    if not fed:
+        guard.check(dest, source)
+    is_member = item.offset is not None or fed
     recipe_text = f"{item.content_hash}|{item.recipe.fingerprint(jpeg_quality)}"
     link = mode in ("symlink", "hardlink") and not is_member and item.fmt is None
     if link:

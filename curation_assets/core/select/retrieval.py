@@ -14,17 +14,25 @@ embeddings. ``sample`` mode here does the same with the project's semantic vecto
 level-1 clusters of the pool's hierarchical k-means whose centroid lies within a cosine
 distance of a seed image, each up to a cap (its images nearest the centroid first).
 
-The search is exact: the pool is read in chunks, each chunk is an exact faiss inner-product
-index the seeds search, and each seed's running k best are merged with the chunk's. Memory
-is one chunk plus the seeds' (m, k) results, never a seeds x pool matrix.
+The search is exact for small sets: the pool is read in chunks, each chunk is an exact faiss
+inner-product index the seeds search, and each seed's running k best are merged with the
+chunk's. Memory is one chunk plus the seeds' (m, k) results, never a seeds x pool matrix. At
+scale (more than :data:`~curation_assets.core.dedup.nearest.FLAT_MAX_PRODUCTS` seed x pool
+products) the pool goes into one IVF-Flat index for every seed set, nprobe calibrated for
+recall >= 0.99 of the neighbours above the similarity floor, the candidates re-scored exactly
+(:mod:`curation_assets.core.dedup.nearest`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+
+if TYPE_CHECKING:  # nearest imports the index module (faiss): only the searching steps load it
+    from curation_assets.core.dedup.nearest import IvfSearch
 
 SELECTION_SCHEMA = {
     "image_id": pl.String(),
@@ -52,11 +60,37 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
-def nearest_pool_images(pool: np.ndarray, seeds: np.ndarray, k: int, chunk: int = 65536) -> Neighbours:
+def pool_index(
+    pool: np.ndarray, seeds: np.ndarray, k: int, min_similarity: float | None = None, seed: int = 0
+) -> IvfSearch:
+    """An IVF index of the pool for :func:`nearest_pool_images`, shared by every seed set; nprobe
+    calibrated on a sample of ``seeds`` for recall >= 0.99 of their k nearest above the floor."""
+    from curation_assets.core.dedup.nearest import IvfSearch, Prepared
+
+    return IvfSearch.build(Prepared(pool), Prepared(seeds), k, min_score=min_similarity, seed=seed)
+
+
+def nearest_pool_images(
+    pool: np.ndarray,
+    seeds: np.ndarray,
+    k: int,
+    chunk: int = 65536,
+    *,
+    kind: str = "auto",
+    min_similarity: float | None = None,
+    ivf: IvfSearch | None = None,
+) -> Neighbours:
     """The ``k`` nearest pool rows of every seed row, by cosine similarity, most similar first
-    (ties: the lower pool row first), exact."""
+    (ties: the lower pool row first): exact, or (``kind`` ivf, or auto above FLAT_MAX_PRODUCTS
+    products, or an ``ivf`` from :func:`pool_index`) by the IVF path, re-scored exactly."""
     import faiss
 
+    from curation_assets.core.dedup.nearest import Prepared, use_ivf
+
+    if len(seeds) and len(pool) and (ivf is not None or use_ivf(len(seeds), len(pool), kind)):
+        ivf = ivf or pool_index(pool, seeds, k, min_similarity)
+        rows, similarity = ivf.search(Prepared(seeds), k)
+        return Neighbours(rows, similarity.astype(np.float32))
     queries = normalised(seeds)
     m = len(queries)
     best_rows = np.full((m, k), -1, dtype=np.int64)
@@ -85,16 +119,30 @@ def sample_selection(
     k: int,
     min_similarity: float,
     budget: int | None = None,
+    *,
+    kind: str = "auto",
+    neighbours: dict[str, Neighbours] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """``sample`` mode over every seed set: (selection, counts).
 
     ``seed_sets``: set name -> (seed image names, their vectors). The selection has one row per
     retrieved pool image (``SELECTION_SCHEMA``), most similar first; counts say how many
-    candidates the floor, the deduplication and the budget took out.
+    candidates the floor, the deduplication and the budget took out. ``kind``: the search (auto,
+    flat, ivf; see :func:`nearest_pool_images`); at scale one IVF index of the pool serves every
+    set. ``neighbours``, when given, receives each set's search results (benchmarks measure
+    their recall).
     """
+    from curation_assets.core.dedup.nearest import use_ivf
+
+    every_seed = [vectors for _, vectors in seed_sets.values() if len(vectors)]
+    shared = None
+    if every_seed and len(pool) and use_ivf(sum(len(v) for v in every_seed), len(pool), kind):
+        shared = pool_index(pool, np.concatenate(every_seed), k, min_similarity)
     frames = []
     for name, (seed_images, vectors) in seed_sets.items():
-        found = nearest_pool_images(pool, vectors, k)
+        found = nearest_pool_images(pool, vectors, k, kind=kind, ivf=shared)
+        if neighbours is not None:
+            neighbours[name] = found
         have = (found.rows >= 0) & (found.similarity >= min_similarity)
         seed_row, rank = np.nonzero(have)
         frames.append(

@@ -8,6 +8,11 @@ the same way, down to the level-1 clusters, which give their share in points: ``
 members (default) or the ``closest`` to their centroid. A skewed pool thus comes out as
 even across concepts as its sizes allow, and exactly ``budget`` long.
 
+:func:`combined_sample` joins a retrieval selection (images chosen for being near a seed set)
+with the balanced sample: the selection's best first up to its share of the budget, the
+balanced sample drawn from the other images for the rest, so the union is exactly the budget
+and never holds an image twice.
+
 With ``multiplier`` m > 1 a cluster of s points can give up to m x s (a point is taken
 more than once, the whole cluster as evenly as possible: each member q or q + 1 times).
 
@@ -62,9 +67,12 @@ def water_fill(sizes: np.ndarray, budget: int, rng: np.random.Generator, multipl
     return allocation
 
 
-def _points_per_cluster(hierarchy: Hierarchy) -> list[np.ndarray]:
-    """For each level, the number of points under each of its clusters."""
-    counts = [np.bincount(hierarchy.levels[0].assignment, minlength=len(hierarchy.levels[0].centroids))]
+def _points_per_cluster(hierarchy: Hierarchy, available: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each level, the number of (available) points under each of its clusters."""
+    leaf = hierarchy.levels[0].assignment
+    if available is not None:
+        leaf = leaf[available]
+    counts = [np.bincount(leaf, minlength=len(hierarchy.levels[0].centroids))]
     for level in hierarchy.levels[1:]:
         counts.append(
             np.bincount(level.assignment, weights=counts[-1], minlength=len(level.centroids)).astype(np.int64)
@@ -93,11 +101,14 @@ def hierarchical_sample(
     seed: int = 0,
     multiplier: int = 1,
     warn: Callable[[str], None] | None = None,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted point indices, exactly ``budget`` of them (repeats only with ``multiplier`` > 1).
 
     A budget of at least the pool (points x multiplier) keeps everything (each point
-    ``multiplier`` times) and calls ``warn``.
+    ``multiplier`` times) and calls ``warn``. ``exclude``: indices of points already chosen
+    elsewhere (retrieval); they are never drawn, and the budget is water-filled over the
+    clusters as if they were not there.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -108,16 +119,20 @@ def hierarchical_sample(
     budget, multiplier = int(budget), int(multiplier)
     leaf = hierarchy.levels[0].assignment
     n = len(leaf)
-    if budget >= n * multiplier:
+    available = np.ones(n, dtype=bool)
+    if exclude is not None:
+        available[np.asarray(exclude, dtype=np.int64)] = False
+    left = int(available.sum())
+    if budget >= left * multiplier:
         if warn is not None:
             warn(
-                f"budget {budget} >= pool of {n} points x multiplier {multiplier}: "
-                f"keeping everything ({n * multiplier} samples)"
+                f"budget {budget} >= pool of {left} points x multiplier {multiplier}: "
+                f"keeping everything ({left * multiplier} samples)"
             )
-        return np.repeat(np.arange(n, dtype=np.int64), multiplier)
+        return np.repeat(np.flatnonzero(available).astype(np.int64), multiplier)
 
     rng = np.random.default_rng(seed)
-    counts = _points_per_cluster(hierarchy)
+    counts = _points_per_cluster(hierarchy, None if exclude is None else available)
     quota = water_fill(counts[-1], budget, rng, multiplier)
     for t in range(len(hierarchy.levels) - 1, 0, -1):
         quota = _split_down(quota, hierarchy.levels[t].assignment, counts[t - 1], rng, multiplier)
@@ -125,10 +140,11 @@ def hierarchical_sample(
     # leaves: members ranked by a random key or by distance to their centroid (ties by index)
     key = rng.random(n) if strategy == "random" else hierarchy.point_distances()
     order = np.lexsort((np.arange(n), key, leaf))
+    order = order[available[order]]  # excluded points take no rank in their leaf
     sizes = counts[0]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     labels = leaf[order]
-    rank = np.arange(n) - starts[labels]
+    rank = np.arange(len(order)) - starts[labels]
     whole, part = np.divmod(quota[labels], np.maximum(sizes[labels], 1))
     times = whole + (rank < part)  # each member q or q + 1 times, the first-ranked ones q + 1
     return np.sort(np.repeat(order, times))
@@ -157,3 +173,44 @@ def gini(sizes: np.ndarray) -> float:
         return 0.0
     ranks = np.arange(1, len(values) + 1)
     return float(2.0 * (ranks * values).sum() / (len(values) * total) - (len(values) + 1) / len(values))
+
+
+def retrieval_quota(budget: int, share: float) -> int:
+    """The part of ``budget`` reserved for retrieval: floor(share x budget)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"retrieval share must be in [0, 1], got {share}")
+    return int(np.floor(budget * share + 1e-9))
+
+
+def combined_sample(
+    hierarchy: Hierarchy,
+    retrieved: np.ndarray,
+    budget: int,
+    share: float,
+    *,
+    strategy: str = "random",
+    seed: int = 0,
+    multiplier: int = 1,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(point indices of the retrieval part, point indices of the balanced part).
+
+    ``retrieved``: point indices of the retrieval selection, best first (no repeats). Its first
+    ``floor(share x budget)`` are taken; what retrieval leaves of its share goes to the balanced
+    part, which is drawn (:func:`hierarchical_sample`) from the points not taken so that the two
+    parts together are exactly ``budget`` (or every point, when the pool is smaller).
+    """
+    retrieved = np.asarray(retrieved, dtype=np.int64)
+    if len(np.unique(retrieved)) != len(retrieved):
+        raise ValueError("the retrieval selection names a point twice")
+    taken = retrieved[: min(retrieval_quota(budget, share), budget)]
+    balanced = hierarchical_sample(
+        hierarchy,
+        budget - len(taken),
+        strategy=strategy,
+        seed=seed,
+        multiplier=multiplier,
+        warn=warn,
+        exclude=taken,
+    )
+    return taken, balanced

@@ -1,0 +1,265 @@
+"""The k nearest base vectors of many queries at scale: an IVF path for decontamination and
+sample retrieval.
+
+Both search one large set against another (a 1M-image pool against 50k evaluation or seed
+images). An exact search of those costs pool x references x dim multiply-adds: 25 T at 1M x 50k
+x 512, minutes even at the machine's matrix rate on 2 cores. Above ``FLAT_MAX_PRODUCTS`` the
+callers search here instead:
+
+- the base side goes into an IVF-Flat index (:meth:`VectorIndex.build
+  <curation_assets.core.dedup.index.VectorIndex.build>`: lists trained by our k-means on a seeded
+  sample, as the near-duplicate index trains them);
+- ``nprobe`` is chosen for the recall asked for, on a sample of the queries: their exact
+  neighbours are found by brute force (sample x base products, in chunks), and since a
+  neighbour is found exactly when its list is among the first ``nprobe`` the query probes,
+  the recall of every nprobe follows from the lists' probe ranks (:func:`probe_ranks
+  <curation_assets.core.dedup.index.probe_ranks>`) without searching once per candidate;
+- the queries are searched in chunks by the join's grouped products (:func:`search_knn
+  <curation_assets.core.dedup.index.search_knn>`), a few more candidates than asked for, and
+  those are re-scored exactly (float64 dot products of the prepared float32 vectors), the
+  most similar first, ties to the lower base row, as the exact paths order them.
+
+Memory: the index (base x dim float32), one query chunk and its candidates; never a queries x
+base matrix. Recall is measured on neighbours at score >= ``min_score`` (the ones the caller
+acts on: within the decontamination report's range, above the retrieval floor) when the
+sample holds enough of them, else on all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Above this many query x base products (~4 T multiply-adds at 512-d: about 20 s of exact
+# search on 2 cores) the callers take the IVF path; at or below it the search stays exact.
+FLAT_MAX_PRODUCTS = 1 << 33
+# IVF needs a base of a few lists' worth of training points (faiss asks for 39 per list).
+MIN_IVF_BASE = 4096
+CALIBRATION_QUERIES = 1000
+# fewer relevant neighbours than this in the sample: calibrate on all of them (a stricter test)
+MIN_RELEVANT = 200
+LIST_SIZE = 512  # vectors per inverted list (see IvfSearch.build)
+EXTRA_CANDIDATES = 4  # re-scored beyond k: covers the join's rounding between close neighbours
+
+
+def use_ivf(n_queries: int, n_base: int, kind: str = "auto") -> bool:
+    """Whether a search of ``n_queries`` against ``n_base`` takes the IVF path (``kind``: auto,
+    flat or ivf)."""
+    if kind not in ("auto", "flat", "ivf"):
+        raise ValueError(f"search kind must be auto, flat or ivf, got {kind!r}")
+    if kind != "auto":
+        return kind == "ivf"
+    return n_queries * n_base > FLAT_MAX_PRODUCTS and n_base >= MIN_IVF_BASE
+
+
+class Prepared:
+    """Rows of raw vectors (float16 or float32, memory-mapped or not) as they are searched:
+    float32, centred with ``mean`` when given, L2-normalised (a zero row stays zero).
+
+    Indexable like an array by a slice or an array of rows, so an index can be built and
+    re-scored from it without a float32 copy of the whole set.
+    """
+
+    def __init__(self, vectors: np.ndarray, mean: np.ndarray | None = None):
+        self.vectors = vectors
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.vectors), int(self.vectors.shape[1]))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        block = np.array(self.vectors[key], dtype=np.float32, ndmin=2)
+        if self.mean is not None:
+            block -= self.mean
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        good = np.isfinite(norms) & (norms > 0)
+        block[~good] = 0.0
+        block *= np.divide(1.0, norms, out=np.zeros_like(norms), where=good)[:, None]
+        return block
+
+
+@dataclass
+class IvfSearch:
+    """An IVF-Flat index over a base set, with the nprobe its calibration chose."""
+
+    index: Any  # VectorIndex
+    base: Prepared
+    nprobe: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        base: Prepared,
+        calibration_queries: Prepared,
+        k: int,
+        *,
+        min_score: float | None = None,
+        target_recall: float = 0.99,
+        sample: int = CALIBRATION_QUERIES,
+        seed: int = 0,
+    ) -> IvfSearch:
+        """Train and fill the index, then choose nprobe on ``sample`` rows of ``calibration_queries``.
+
+        The calibration aims half-way between ``target_recall`` and 1 (0.995 for 0.99), so that
+        the recall over all queries stays above the target despite the sample's noise.
+        """
+        from curation_assets.core.dedup.index import VectorIndex, default_nlist, list_of_rows, probe_ranks
+
+        started = time.perf_counter()
+        # lists of ~LIST_SIZE vectors: a smaller list costs the join more in gathering its
+        # queries than in multiplying them (the near-dedup index's lists hold ~500 at 1M)
+        by_size = 1 << max(0, round(math.log2(max(len(base), 1) / LIST_SIZE)))
+        nlist = max(1, min(default_nlist(len(base)), max(16, by_size)))
+        # nprobe 1 at build: the add then keeps each row's own list, which the calibration reads
+        index = VectorIndex.build("ivf", base, {"nlist": nlist, "nprobe": 1}, seed=seed)
+        built = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        picked = np.sort(
+            rng.choice(len(calibration_queries), min(sample, len(calibration_queries)), replace=False)
+        )
+        queries = calibration_queries[picked]
+        synthetic = 0
+        if min_score is not None:
+            rows, scores = exact_knn(queries, base, k)
+            if ((rows >= 0) & (scores >= min_score)).sum() < MIN_RELEVANT:
+                # too few real neighbours in range (contamination is rare): add near-copies of base
+                # vectors, moved towards real queries (the data's own directions) by up to the range
+                near = near_copies(base, queries, 1.0 - min_score, sample, rng)
+                queries, synthetic = np.concatenate([queries, near]), len(near)
+        rows, scores = exact_knn(queries, base, k)
+        found = rows >= 0
+        relevant = found & (scores >= min_score) if min_score is not None else found
+        if relevant.sum() < MIN_RELEVANT:
+            relevant = found
+        cached = index.cached_probes(np.arange(index.count), 1)
+        lists = cached[:, 0] if cached is not None else list_of_rows(index)
+        ranks = probe_ranks(index, queries)
+        q, j = np.nonzero(relevant)
+        needed = ranks[q, lists[rows[q, j]]]  # a neighbour is probed when nprobe > its list's rank
+        nlist = index.ivf.nlist
+        aim = target_recall + (1.0 - target_recall) / 2
+        if len(needed):
+            recall_at = np.cumsum(np.bincount(needed, minlength=nlist)) / len(needed)  # [p - 1]: nprobe p
+            nprobe = int(np.searchsorted(recall_at, aim - 1e-12) + 1)
+        else:
+            nprobe = index.params["nlist"]
+        nprobe = max(1, min(nprobe, nlist))
+        stats = {
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "calibration_queries": len(picked),
+            "calibration_near_copies": synthetic,
+            "calibration_neighbours": len(needed),
+            "calibration_recall": float((needed < nprobe).mean()) if len(needed) else 1.0,
+            "build_s": round(built - started, 3),
+            "calibrate_s": round(time.perf_counter() - built, 3),
+        }
+        return cls(index, base, nprobe, stats)
+
+    def search(self, queries: Prepared, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64 (n, k), -1 where none; exact cosine scores float64 (n, k), -inf there),
+        most similar first, ties to the lower base row."""
+        from curation_assets.core.dedup.index import search_knn
+
+        n = len(queries)
+        rows = np.full((n, k), -1, dtype=np.int64)
+        scores = np.full((n, k), -np.inf, dtype=np.float64)
+        started = time.perf_counter()
+        for start in range(0, n, chunk):
+            block = queries[start : start + chunk]
+            # float32 products: bfloat16's rounding (1/64) reorders neighbours closer than that,
+            # which the calibration (of which lists hold the neighbours) cannot see
+            width = min(k + EXTRA_CANDIDATES, self.index.count)
+            found, _ = search_knn(self.index, block, width, self.nprobe, precision="fp32")
+            best_rows, best_scores = rescore(block, found, self.base, k)
+            rows[start : start + len(block)] = best_rows
+            scores[start : start + len(block)] = best_scores
+        self.stats["search_s"] = round(self.stats.get("search_s", 0.0) + time.perf_counter() - started, 3)
+        return rows, scores
+
+
+def near_copies(
+    base: Prepared, towards: np.ndarray, max_distance: float, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n`` unit vectors at cosine distance uniform in (0, max_distance] from random base rows,
+    each moved towards a random row of ``towards`` (prepared)."""
+    origin = base[np.sort(rng.choice(len(base), min(n, len(base)), replace=False))]
+    direction = towards[rng.integers(0, len(towards), len(origin))]
+    direction = direction - np.einsum("ij,ij->i", direction, origin)[:, None] * origin
+    norms = np.linalg.norm(direction, axis=1, keepdims=True)
+    direction = np.divide(direction, norms, out=np.zeros_like(direction), where=norms > 0)
+    cos = 1.0 - rng.uniform(0.0, max_distance, len(origin)).astype(np.float32)[:, None]
+    moved = cos * origin + np.sqrt(np.maximum(0.0, 1.0 - cos**2)) * direction
+    return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+
+
+def rescore(
+    queries: np.ndarray, candidates: np.ndarray, base: Prepared, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of each query's candidate rows (-1: none) by exact float64 dot products."""
+    n, width = candidates.shape
+    valid = candidates >= 0
+    scores = np.full((n, width), -np.inf, dtype=np.float64)
+    q, j = np.nonzero(valid)
+    if len(q):
+        wanted = candidates[q, j]
+        unique, inverse = np.unique(wanted, return_inverse=True)  # sorted: kind to memory maps
+        vectors = base[unique]
+        scores[q, j] = np.einsum("ij,ij->i", queries[q], vectors[inverse], dtype=np.float64)
+    tie = np.where(valid, candidates, np.iinfo(np.int64).max)
+    order = np.lexsort((tie, -scores), axis=1)[:, :k]
+    rows = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)
+    best = np.take_along_axis(scores, order, axis=1)
+    if rows.shape[1] < k:  # fewer base rows than k
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return rows, best
+
+
+def exact_knn(
+    queries: np.ndarray, base: Prepared, k: int, chunk: int = 32768
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force for a few queries (prepared float32): the ``k`` best base rows of each by float32
+    products over base chunks, re-scored in float64 (the calibration's and the benchmark's truth)."""
+    n = len(queries)
+    width = min(k + EXTRA_CANDIDATES, len(base))
+    best_rows = np.full((n, 0), -1, dtype=np.int64)
+    best_scores = np.full((n, 0), -np.inf, dtype=np.float32)
+    for start in range(0, len(base), chunk):
+        block = base[start : start + chunk]
+        scores = queries @ block.T
+        take = min(width, scores.shape[1])
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        all_rows = np.concatenate([best_rows, top + start], axis=1)
+        all_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+        keep = np.argsort(-all_scores, axis=1, kind="stable")[:, :width]
+        best_rows = np.take_along_axis(all_rows, keep, axis=1)
+        best_scores = np.take_along_axis(all_scores, keep, axis=1)
+    return rescore(queries, best_rows, base, k)
+
+
+def recall(
+    found: np.ndarray, truth: np.ndarray, truth_scores: np.ndarray, min_score: float = -math.inf
+) -> float:
+    """Share of the true neighbours (rows of ``truth`` at score >= ``min_score``) that ``found``
+    holds for the same query."""
+    hits, total = 0, 0
+    for got, want, score in zip(found, truth, truth_scores, strict=True):
+        wanted = set(want[(want >= 0) & (score >= min_score)].tolist())
+        total += len(wanted)
+        hits += len(wanted & set(got.tolist()))
+    return hits / total if total else 1.0
