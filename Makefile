@@ -10,12 +10,12 @@ export CURATION_HOME ?= $(CURDIR)/.curation
 export DAGSTER_HOME ?= $(CURATION_HOME)/dagster_home
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test ui lint bench bench-setup clean browser
+.PHONY: demo test ui lint bench bench-setup clean browser services services-stop test-cluster server-packages
 
 $(STAMP): pyproject.toml setup.cfg
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,9 +29,33 @@ browser:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the review-page browser tests will skip"; }
 
-test: $(STAMP) browser
+test: $(STAMP) browser server-packages
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# The servers of the cluster test and of `make services`: PostgreSQL and Redis from the system
+# packages, installed when missing and apt-get can run (as in CI); otherwise the cluster test
+# skips and says so, unless CURATION_REQUIRE_CLUSTER=1 (set by .ci/run) makes that an error.
+server-packages:
+	@{ command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } \
+		&& command -v redis-server >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null 2>&1 \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server >/dev/null; }; } \
+		|| echo "postgresql / redis-server not installed: the cluster test will skip"; }
+
+# A real multi-process cluster on this machine: Postgres, Redis, an S3 endpoint and two celery
+# workers, the demo materialized on them and compared with a local run (every service stopped).
+test-cluster: $(STAMP) server-packages
+	$(BIN)/python -m pytest -n 1 curation_assets_tests/test_cluster.py
+
+# A Postgres (instance storage) and a Redis (celery broker) for development, kept running under
+# $(CURATION_HOME)/services; again: nothing to do. Prints where they listen.
+services: $(STAMP) server-packages
+	$(BIN)/python -m curation_assets.services start
+	$(BIN)/python -m curation_assets.services status
+
+services-stop: $(STAMP)
+	$(BIN)/python -m curation_assets.services stop
 
 ui: $(STAMP)
 	$(BIN)/curate init-instance

@@ -26,11 +26,19 @@ Each step runs in a child process that reports its wall time and its own peak RS
 
 Recall is measured against exact search (float32 products over chunks of the whole pool or
 reference set, re-scored in float64) on ``--sample`` queries: for decontamination, a uniform
-sample of pool rows (the nearest reference of each, and apart those within threshold + margin,
-the matches the asset acts on) and as many planted copies (their reference must be found); for
-retrieval, a uniform sample of seeds (their k nearest, and apart those above the floor). The
-exact product also gives the floor: the brute-force rate on this machine and the time an exact
-search of the whole step would take (``exact_estimate_s``), so the step's time reads as a ratio.
+sample of pool rows (the nearest reference of each; apart, those within the threshold, which
+decide removals, and within threshold + margin, the report's range) and as many planted copies
+(their nearest reference must be found); for retrieval, a uniform sample of seeds (their k
+nearest, and apart those above the floor). ``target_met`` reads the recall of what a step acts
+on: matches within the threshold (sampled rows and planted copies), neighbours above the floor.
+The exact product also gives the floor: the brute-force rate on this machine and the time an
+exact search of the whole step would take (``exact_estimate_s``), so the step's time reads as a
+ratio.
+
+The data is not a worst case of uniformly random vectors (where every neighbour is far and an
+inverted index degenerates to a scan): unrelated images are at cosine distance ~0.5 and more
+after centring, as copy-detection descriptors of different images are, and the planted copies
+stay within the threshold after centring (``planted_copies_within_threshold``).
 
 Targets (2 CPU cores, 1M x 512 pool, 50k references, 50k seeds): each step <= 120 s and
 <= 6 GB peak RSS, recall >= 0.99; ``target_met`` says whether a run made them.
@@ -144,9 +152,17 @@ def step_decontamination(folder: Path, args: argparse.Namespace) -> dict:
     refs = np.load(folder / "refs.npy")
     mean = pool_mean(pool)
     mean_s = time.perf_counter() - started
-    relevant = args.threshold + args.margin
-    ivf = reference_index(refs, mean, pool, relevant) if use_ivf(len(pool), len(refs), args.kind) else None
-    nearest = nearest_references(pool, refs, mean, kind=args.kind, relevant_distance=relevant, ivf=ivf)
+    # as the asset: calibrated for recall at the threshold (what removes an image), the report's
+    # margin past it read from the same search
+    report = args.threshold + args.margin
+    ivf = (
+        reference_index(refs, mean, pool, args.threshold, report_distance=report)
+        if use_ivf(len(pool), len(refs), args.kind)
+        else None
+    )
+    nearest = nearest_references(
+        pool, refs, mean, kind=args.kind, relevant_distance=args.threshold, report_distance=report, ivf=ivf
+    )
     total = time.perf_counter() - started
     np.savez(folder / "decontamination.npz", rows=nearest.rows, distance=nearest.distance, mean=mean)
     return {
@@ -219,20 +235,27 @@ def decontamination_recall(folder: Path, args: argparse.Namespace, planted: dict
     truth, score = exact_knn(queries, base, 1)
     hit = got["rows"][uniform] == truth[:, 0]
     relevant = score[:, 0] >= 1.0 - (args.threshold + args.margin)
+    within = score[:, 0] >= 1.0 - args.threshold
     copy_rows, copy_of = planted["rows"][copies], planted["of"][copies]
     # a planted copy counts as found when the search names its reference, or one at least as close
     copy_truth, copy_score = exact_knn(Prepared(pool, mean)[copy_rows], base, 1)
     copy_hit = got["rows"][copy_rows] == copy_truth[:, 0]
+    copy_within = copy_score[:, 0] >= 1.0 - args.threshold  # the copies the decisions must remove
     _, rate = exact_rate(queries, base)
     return {
         "sampled_queries": len(uniform),
         "recall_at_1": round(float(hit.mean()), 4),
+        "within_threshold": int(within.sum()),
+        "recall_within_threshold": round(float(hit[within].mean()), 4) if within.any() else None,
         "within_threshold_plus_margin": int(relevant.sum()),
         "recall_within_threshold_plus_margin": round(float(hit[relevant].mean()), 4)
         if relevant.any()
         else None,
         "planted_copies_sampled": len(copies),
         "recall_planted_copies": round(float(copy_hit.mean()), 4),
+        "recall_planted_copies_within_threshold": round(float(copy_hit[copy_within].mean()), 4)
+        if copy_within.any()
+        else None,
         "planted_copies_matching_their_reference": round(float((copy_truth[:, 0] == copy_of).mean()), 4),
         "planted_copies_within_threshold": round(float((copy_score[:, 0] >= 1.0 - args.threshold).mean()), 4),
         "exact_products_per_s": round(rate, 0),
@@ -286,14 +309,14 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
     steps["decontamination"]["recall"] = decontamination_recall(folder, args, planted)
     steps["retrieval"]["recall"] = retrieval_recall(folder, args)
     met = {}
-    for name, key in (
-        ("decontamination", "recall_within_threshold_plus_margin"),
-        ("retrieval", "recall_above_the_floor"),
+    # recall of what each step acts on: the matches within the threshold (which remove an image:
+    # sampled pool rows and planted copies), the neighbours above the retrieval floor
+    for name, keys in (
+        ("decontamination", ("recall_within_threshold", "recall_planted_copies_within_threshold")),
+        ("retrieval", ("recall_above_the_floor",)),
     ):
         step = steps[name]
-        recalls = [step["recall"][key]] + (
-            [step["recall"]["recall_planted_copies"]] if name == "decontamination" else []
-        )
+        recalls = [step["recall"][key] for key in keys]
         met[name] = bool(
             step["seconds"] <= TARGET_SECONDS
             and step["peak_rss_gb"] <= TARGET_RSS_GB

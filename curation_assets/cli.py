@@ -12,7 +12,7 @@ curate report --project P        refresh the decisions and the HTML report, prin
 curate validate [FILE ...]       validate project files (default: all known projects)
 curate shards --project P        list the shards discovery finds
 curate funnel --project P        print the funnel from what is in the store
-curate init-instance             create $DAGSTER_HOME with our dagster.yaml
+curate init-instance [--postgres URL]  create $DAGSTER_HOME with our dagster.yaml (storage on Postgres)
 """
 
 from __future__ import annotations
@@ -312,9 +312,15 @@ def cmd_funnel(args: argparse.Namespace) -> int:
 
 
 def cmd_init_instance(args: argparse.Namespace) -> int:
-    from curation_assets.runner import init_instance
+    from curation_assets.runner import init_instance, redacted
 
-    _print(f"Dagster instance: {init_instance().root_directory}")
+    try:
+        instance = init_instance(args.postgres)
+    except RuntimeError as exc:
+        _print(f"error: {exc}")
+        return 2
+    where = f"; storage on Postgres {redacted(args.postgres)}" if args.postgres else ""
+    _print(f"Dagster instance: {instance.root_directory}{where}")
     return 0
 
 
@@ -401,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     funnel.set_defaults(func=cmd_funnel)
 
     init = sub.add_parser("init-instance", help="create the Dagster instance folder")
+    init.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="keep runs, event logs and schedules in this Postgres database "
+        "(postgresql://user@host:port/db); default $CURATION_POSTGRES_URL, else SQLite in its folder",
+    )
     init.set_defaults(func=cmd_init_instance)
     return parser
 

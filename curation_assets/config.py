@@ -151,7 +151,7 @@ class DiscoveryConfig(_Strict):
 class RunsConfig(_Strict):
     """How the project's jobs execute when launched (UI, sensor, schedule, backfill, `curate`)."""
 
-    executor: Literal["in_process", "multiprocess"]
+    executor: Literal["in_process", "multiprocess", "celery", "k8s"]  # $CURATION_EXECUTOR overrides
     max_concurrent_steps: int = Field(ge=0)  # multiprocess only; 0 = one per CPU core
     shard_max_runtime_seconds: int = Field(ge=0)  # 0 = no limit
     global_max_runtime_seconds: int = Field(ge=0)

@@ -16,6 +16,7 @@ monitoring does under `dagster dev`, so a headless run never waits forever.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,7 +60,8 @@ class Runs(Protocol):
 
 
 def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
-    """The first step failure's message (what dg.Failure said), else the run failure's."""
+    """The first step failure's message (what dg.Failure said), else the run failure's with the
+    chain of causes of its error (where an unreachable broker's address is, say)."""
     records = instance.get_records_for_run(
         run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}
     ).records
@@ -69,7 +71,13 @@ def failure_message(instance: dg.DagsterInstance, run_id: str) -> str:
             return f"{event.step_key}: {event.step_failure_data.error.message.strip()}"
     for event in events:
         if event.message:
-            return event.message.strip()
+            error, causes = getattr(event.event_specific_data, "error", None), []
+            while error is not None:
+                text = error.message.strip()
+                if text and text not in causes:
+                    causes.append(text)
+                error = error.cause or error.context
+            return " <- ".join([event.message.strip(), *causes])[:2000]
     return f"run {run_id} failed"
 
 
@@ -130,11 +138,35 @@ def code_location(
         working_directory=str(working_directory or Path.cwd()),
         location_name=module,
     )
-    with WorkspaceProcessContext(instance, target) as workspace:
-        entry = workspace.create_request_context().get_code_location_entries()[module]
-        if entry.load_error is not None:
-            raise RuntimeError(f"code location {module} failed to load:\n{entry.load_error}")
-        yield workspace
+    servers: list[subprocess.Popen] = []
+    try:
+        with WorkspaceProcessContext(instance, target) as workspace:
+            # private: the registry hands out no process handles, and a server asked to shut down
+            # can stay up waiting on executions it still counts (seen with celery runs)
+            registry = getattr(workspace, "_grpc_server_registry", None)
+            entry = workspace.create_request_context().get_code_location_entries()[module]
+            servers = [p.server_process for p in getattr(registry, "_all_processes", [])]
+            if entry.load_error is not None:
+                raise RuntimeError(f"code location {module} failed to load:\n{entry.load_error}")
+            yield workspace
+    finally:
+        _stop_servers(servers)
+
+
+def _stop_servers(servers: list[subprocess.Popen], grace_s: float = 15.0) -> None:
+    """Wait for the code servers to exit after their shutdown request; terminate the ones that
+    do not, so that no server outlives the caller (or the database its instance points to)."""
+    deadline = time.monotonic() + grace_s
+    for server in servers:
+        try:
+            server.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
 
 
 @dataclass(frozen=True)

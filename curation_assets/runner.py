@@ -51,17 +51,78 @@ def dagster_home() -> Path:
     return home
 
 
-def init_instance() -> dg.DagsterInstance:
-    """The persistent instance, created with our dagster.yaml when there is none yet."""
+POSTGRES_ENV = "CURATION_POSTGRES_URL"  # the instance's database, as `curate init-instance --postgres`
+
+
+def init_instance(postgres_url: str | None = None) -> dg.DagsterInstance:
+    """The persistent instance, created with our dagster.yaml when there is none yet.
+
+    With ``postgres_url`` (or $CURATION_POSTGRES_URL) its run, event-log and schedule storage
+    are that Postgres database (dagster-postgres), checked to answer first; the run queue and
+    the concurrency pools are the template's either way.
+    """
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
+    url = postgres_url or os.environ.get(POSTGRES_ENV)
     if not config.exists():
         config.write_text(INSTANCE_TEMPLATE.read_text())
-    instance = dg.DagsterInstance.get()
+    if url:
+        use_postgres(config, url)
+    try:
+        instance = dg.DagsterInstance.get()
+    except Exception as exc:  # psycopg2 / sqlalchemy errors: say which database, not a stack of frames
+        if url:
+            raise RuntimeError(f"cannot open the Dagster instance on {redacted(url)}: {exc}") from exc
+        raise
     if instance.event_log_storage.supports_global_concurrency_limits:
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, 1)
     return instance
+
+
+def redacted(url: str) -> str:
+    """A database or broker URL without its password (it goes into messages and logs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def use_postgres(config: Path, url: str, timeout_s: int = 5) -> None:
+    """Point the instance config at ``url`` after checking the database answers (a clear error
+    naming it, in seconds, rather than a hang or a stack trace at the first run)."""
+    try:
+        import psycopg2
+    except ImportError as exc:
+        raise RuntimeError(
+            "an instance on Postgres needs dagster-postgres: pip install -e '.[cluster]'"
+        ) from exc
+    try:
+        psycopg2.connect(url, connect_timeout=timeout_s).close()
+    except psycopg2.Error as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"cannot reach Postgres at {redacted(url)}: {detail}. Start it (`make services` runs one "
+            f"locally) or fix the URL (curate init-instance --postgres URL, or ${POSTGRES_ENV})"
+        ) from exc
+    import yaml
+
+    current = yaml.safe_load(config.read_text()) or {}
+    # dagster-postgres speaks psycopg2 (its LISTEN/NOTIFY queries), while SQLAlchemy >= 2.1 takes
+    # a plain postgresql:// URL to mean psycopg 3: name the driver
+    scheme, sep, rest = url.partition("://")
+    driver_url = f"postgresql+psycopg2://{rest}" if sep and scheme in ("postgres", "postgresql") else url
+    wanted = {"postgres": {"postgres_url": driver_url}}
+    if current.get("storage") == wanted:
+        return
+    if "storage" not in current:  # keep the template's comments: the block goes at the end
+        config.write_text(config.read_text().rstrip() + "\n" + yaml.safe_dump({"storage": wanted}))
+        return
+    config.with_name("dagster.yaml.bak").write_text(config.read_text())
+    config.write_text(yaml.safe_dump({**current, "storage": wanted}, sort_keys=False))
 
 
 @dataclass

@@ -343,3 +343,57 @@ def test_local_paths_stay_plain_paths(tmp_path):
     assert storage.as_location(f"file://{tmp_path}") == tmp_path
     assert not storage.is_remote(f"file://{tmp_path}") and storage.is_remote("s3://b/k")
     assert os.fspath(storage.as_location(str(tmp_path))) == str(tmp_path)
+
+
+def test_reference_sets_on_s3_are_listed_and_read_in_place(s3_env, tmp_path):
+    """An evaluation set as a bucket folder and as tars on the bucket: the same image names and
+    bytes as locally, and a fingerprint that changes when an object is rewritten."""
+    from curation_assets.core.dedup.references import list_reference_set, reference_refs
+    from curation_assets.core.ingest.images import read_bytes
+
+    evals = tmp_path / "evals"
+    for i in range(5):
+        write_photo(evals / "val" / f"e{i}.jpg", 500 + i)
+    write_tars(evals, tmp_path / "evals_wds")
+    s3_env.upload_tree(evals, "s3://pool/evals")
+    s3_env.upload_tree(tmp_path / "evals_wds", "s3://pool/evals_wds")
+    local = {ref.image_id: ref for ref in reference_refs(list_reference_set("v", evals))[0]}
+    folder = list_reference_set("v", "s3://pool/evals")
+    remote, unreadable = reference_refs(folder)
+    assert not unreadable and [r.image_id for r in remote] == sorted(local)
+    for ref in remote:
+        assert read_bytes(ref.source_path, ref.offset, ref.size) == (evals / ref.image_id).read_bytes()
+    tars, unreadable = reference_refs(list_reference_set("v", "s3://pool/evals_wds", kind="webdataset"))
+    assert not unreadable and sorted(r.image_id for r in tars) == [
+        f"val.tar/{n.split('/')[1]}" for n in sorted(local)
+    ]
+    assert all(read_bytes(r.source_path, r.offset, r.size)[:2] == b"\xff\xd8" for r in tars)
+    before = folder.fingerprint()
+    assert list_reference_set("v", "s3://pool/evals").fingerprint() == before
+    write_photo(evals / "val" / "e0.jpg", 999)
+    s3_env.upload_tree(evals, "s3://pool/evals")
+    assert list_reference_set("v", "s3://pool/evals").fingerprint() != before
+
+
+def test_the_discovery_sensor_finds_shards_on_s3_and_sees_a_changed_one(s3_env, tmp_path):
+    """The daemon's path: one tick adds a partition per bucket prefix and requests its run; once a
+    shard is processed, a rewritten object in it makes the next tick request it again."""
+    from curation_assets.assets.project import shard_job_name
+    from curation_assets_tests.conftest import sensor_tick
+
+    images = tmp_path / "images"
+    write_pool(images)
+    s3_env.upload_tree(images, "s3://pool/images")
+    project = load_project(project_file(tmp_path, "sensed", "s3://pool/images", "s3://store/sensed"))
+    instance = init_instance()
+    defs = build_definitions([project])
+    first = sensor_tick(defs, project, instance)
+    assert sorted(r.partition_key for r in first.run_requests) == sorted(SHARDS)
+    job = defs.resolve_job_def(shard_job_name(project))
+    assert job.execute_in_process(partition_key="a", instance=instance).success
+    second = sensor_tick(defs, project, instance, cursor=first.cursor)
+    assert "a" not in {r.partition_key for r in second.run_requests}, "a processed shard ran again"
+    write_photo(images / "a" / "img_000.jpg", 4242)
+    s3_env.upload_tree(images / "a", "s3://pool/images/a")
+    third = sensor_tick(defs, project, instance, cursor=second.cursor)
+    assert "a" in {r.partition_key for r in third.run_requests}

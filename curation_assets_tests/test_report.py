@@ -12,23 +12,27 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from PIL import Image
 
 from curation_assets.core.outputs.report import (
     ClusterSection,
+    ContaminationMatch,
+    DecontaminationSection,
     DuplicateGroupExample,
     FilterSection,
     FunnelStep,
     ImageLoc,
     NearPair,
+    ReferenceSetCount,
     ReportData,
     RotationExample,
     render_report,
     select_threshold_examples,
     steps_from_funnel,
 )
-from curation_assets_tests.conftest import write_photo
+from curation_assets_tests.conftest import make_project, write_photo
 from curation_assets_tests.test_review import browser  # noqa: F401  (the headless Chromium fixture)
 
 HEADINGS = ["Funnel", "Near duplicates", "Filters", "Rotation", "Clusters"]
@@ -41,6 +45,7 @@ class _Links(HTMLParser):
         super().__init__()
         self.section = ""
         self.images: list[tuple[str, str]] = []  # (section, src)
+        self.alts: list[tuple[str, str, str]] = []  # (section, alt, src): which image a thumbnail shows
         self.placeholders: list[tuple[str, str]] = []  # (section, title)
         self.headings: list[str] = []
         self._in_h2 = False
@@ -51,6 +56,7 @@ class _Links(HTMLParser):
             self.section = attr.get("id") or ""
         elif tag == "img":
             self.images.append((self.section, attr["src"] or ""))
+            self.alts.append((self.section, attr.get("alt") or "", attr["src"] or ""))
         elif tag == "div" and attr.get("class") == "placeholder":
             self.placeholders.append((self.section, attr.get("title") or ""))
         elif tag == "h2":
@@ -439,3 +445,106 @@ def test_near_pairs_either_side_of_the_threshold_and_final_badges(
         in (filters)
     )
     assert '<span class="badge final kept">final: kept</span>' in page
+
+
+def _section_html(page: str, key: str) -> str:
+    start = page.index(f'<section id="{key}"')
+    return page[start : page.index("</section>", start)]
+
+
+def test_decontamination_shows_each_match_beside_its_evaluation_image(tmp_path: Path) -> None:
+    """A project with evaluation sets (a folder and WebDataset tars) and planted copies: the report
+    counts the pool images removed per set and shows each copy's thumbnail beside the evaluation
+    image it matched; the same store reported for a project without references has no such section."""
+    import dagster as dg
+
+    from curation_assets.assets.outputs.decisions import decisions_path
+    from curation_assets.assets.outputs.report import build_report_data
+    from curation_assets.definitions import build_definitions
+    from curation_assets.resources.store import StoreResource
+    from curation_assets.runner import materialize_project
+
+    pool, folder, tars = tmp_path / "pool", tmp_path / "eval", tmp_path / "eval_wds"
+    for shard, seed in (("a", 1), ("b", 2)):
+        for i in range(5):
+            write_photo(pool / shard / f"img_{i}.jpg", seed * 1000 + i)
+    for i in range(3):
+        write_photo(folder / "cls" / f"val_{i}.jpg", 9000 + i)
+        write_photo(tmp_path / "members" / f"w_{i}.jpg", 9500 + i)
+    (tars / "part").mkdir(parents=True)
+    with tarfile.open(tars / "part" / "000.tar", "w") as archive:
+        for i in range(3):
+            archive.add(tmp_path / "members" / f"w_{i}.jpg", arcname=f"w_{i}.jpg")
+    shutil.copy(folder / "cls" / "val_0.jpg", pool / "a" / "copy_of_val_0.jpg")
+    shutil.copy(tmp_path / "members" / "w_1.jpg", pool / "b" / "copy_of_w_1.jpg")
+    stages = {
+        "embeddings": {"enabled": True, "copy_model": "descriptor", "semantic_model": "descriptor_content"},
+        "near_dedup": {"enabled": True, "model": "descriptor", "threshold": 0.1},
+    }
+    sets = {
+        "eval": {"role": "decontaminate", "path": str(folder)},
+        "eval_tars": {"role": "decontaminate", "path": str(tars), "kind": "webdataset"},
+    }
+    project = make_project(tmp_path, {"train": str(pool)}, stages=stages, references={"sets": sets})
+    summary = materialize_project(
+        project, build_definitions([project]), dg.DagsterInstance.ephemeral(), echo=lambda _: None
+    )
+    assert summary.failed == []
+    store = StoreResource().for_project(project)
+    out = store.asset_dir("curation_report")
+    html_path = out / "report.html"
+    page = html_path.read_text(encoding="utf-8")
+    parsed = _parse(html_path)
+    assert "Decontamination" in parsed.headings and '<a href="#decontamination">' in page
+    section = html.unescape(_section_html(page, "decontamination"))
+    # per set: its kind, its images, the pool images removed as near-copies of them
+    assert "<tr><td>eval</td><td>directory</td><td>3</td><td>1</td></tr>" in section
+    assert "<tr><td>eval_tars</td><td>webdataset</td><td>3</td><td>1</td></tr>" in section
+    assert "At or under it: removed (2)" in section
+    shown = {alt: src for key, alt, src in parsed.alts if key == "decontamination"}
+    for copy, original, source in (
+        ("a/copy_of_val_0.jpg", "cls/val_0.jpg", folder / "cls" / "val_0.jpg"),
+        ("b/copy_of_w_1.jpg", "part/000.tar/w_1.jpg", tmp_path / "members" / "w_1.jpg"),
+    ):
+        # the pool image and the evaluation image (a tar member read in place) side by side
+        pair = re.search(
+            rf'<div class="pair">(?:(?!</div><div class="pair">).)*alt="{re.escape(copy)}"'
+            rf'(?:(?!<div class="pair">).)*alt="{re.escape(original)}"',
+            section,
+            re.S,
+        )
+        assert pair is not None, (copy, original)
+        with Image.open(source) as im:
+            expected = np.asarray(im.convert("RGB").resize((64, 48)), dtype=np.float32)
+        for name in (copy, original):
+            with _image(out, shown[name]) as im:
+                thumb = np.asarray(im.convert("RGB").resize((64, 48)), dtype=np.float32)
+            assert np.abs(thumb - expected).mean() < 8, name  # the copy and its original, both shown
+    assert "d = 0.000" in section and "eval image" in section and "eval_tars image" in section
+
+    # the same store, reported for a project that names no evaluation set: no section at all
+    plain = make_project(tmp_path, {"train": str(pool)}, stages=stages)
+    data = build_report_data(plain, store, pl.read_parquet(decisions_path(store)))
+    assert data.decontamination is None
+    files = render_report(data, tmp_path / "plain_report")
+    plain_page = files.html.read_text(encoding="utf-8")
+    assert "Decontamination" not in files.sections and "Decontamination" not in files.stages_off
+    assert 'id="decontamination"' not in plain_page and "#decontamination" not in plain_page
+
+
+def test_a_reference_set_of_vectors_shows_the_matched_name(tmp_path: Path, images: list[ImageLoc]) -> None:
+    """A set given as vectors has no image: the match shows the pool image and the reference's name."""
+    match = ContaminationMatch(images[0], "imagenet_val", "val/n01/ILSVRC_0007.JPEG", None, 0.031)
+    data = ReportData(
+        project="p",
+        funnel=[FunnelStep("decontamination", 10, 1, 9)],
+        decontamination=DecontaminationSection(
+            0.1, [ReferenceSetCount("imagenet_val", "vectors", 1)], below=[match]
+        ),
+    )
+    files = render_report(data, tmp_path / "report", thumb_side=48)
+    section = html.unescape(_section_html(files.html.read_text(encoding="utf-8"), "decontamination"))
+    assert "<tr><td>imagenet_val</td><td>vectors</td><td>–</td><td>1</td></tr>" in section
+    assert ">vectors only</div>" in section and "ILSVRC_0007.JPEG" in section and "d = 0.031" in section
+    assert "Just past it: kept by this stage (0)" in section
+    assert files.sections == ["Funnel", "Decontamination"] and files.broken_thumbnails == []

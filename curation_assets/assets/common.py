@@ -105,3 +105,18 @@ def plot_md(path: Path, alt: str) -> dg.MetadataValue:
     """
     encoded = base64.b64encode(path.read_bytes()).decode()  # a Path, or a UPath on object storage
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})\n\n`{path}`")
+
+
+# Steps in Dagster pool "gpu" (embeddings, k-means, index...) ask the k8s executor for a GPU:
+# the op tag Dagster's k8s job executor merges into the step's pod (other steps get the
+# executor's CPU and memory defaults, assets/project.py).
+GPU_STEP_TAGS: dict[str, Any] = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "64Gi", "nvidia.com/gpu": "1"},
+            }
+        }
+    }
+}

@@ -3,8 +3,10 @@
 For every ``decontaminate`` set of ``references.sets``: the set's copy-detection vectors (the
 pool's copy model, cached per model in the store), centred with the same mean as the
 near-duplicate index (the index's kept ``mean.npy`` when it was made by this model, else the
-pool's mean) and searched exactly by every pool vector (faiss, chunked; see
-:mod:`curation_assets.core.dedup.decontaminate`). Output: one row per (pool image, set) within
+pool's mean) and searched by every pool vector (exactly, chunked; at scale an IVF index of the
+set calibrated for recall at the threshold; see :mod:`curation_assets.core.dedup.decontaminate`).
+Each shard's nearest references are kept with what they were searched for, so a new shard costs
+a search of its rows and a lower threshold none. Output: one row per (pool image, set) within
 the threshold, naming the matched reference image and the distance; `curation_decisions` removes
 them with reason ``contamination:<set>``. ``borderline.parquet`` keeps the closest matches
 either side of the threshold for the report.
@@ -18,7 +20,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, load_project_model, md_table
+from curation_assets.assets.common import GPU_STEP_TAGS, asset_key, group_name, load_project_model, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.dedup.references import (
     ReferenceVectors,
@@ -85,11 +87,23 @@ def nearest_path(store: ProjectStore, shard: str) -> Path:
 class ReferenceSearch:
     """How each set's references are searched in this run: exactly, or (a pool x references
     search past FLAT_MAX_PRODUCTS products) by one IVF index per set, built at the first shard
-    that needs a search (its nprobe calibrated on that shard) and reused for the others."""
+    that needs a search (its nprobe calibrated on that shard, for recall at the threshold, which
+    decides removals) and reused for the others; the report's range past the threshold comes
+    from the same search (see core.dedup.decontaminate)."""
 
-    def __init__(self, mean: np.ndarray, pool_rows: int, relevant_distance: float):
+    def __init__(
+        self, mean: np.ndarray, pool_rows: int, relevant_distance: float, report_distance: float | None = None
+    ):
         self.mean, self.pool_rows, self.relevant_distance = mean, pool_rows, relevant_distance
+        self.report_distance = relevant_distance if report_distance is None else report_distance
         self.indexes: dict[str, Any] = {}
+
+    @property
+    def searched_for(self) -> str:
+        """What a shard's stored nearest references are good for: every distance (exact search),
+        or the distances up to the one the IVF search was calibrated for."""
+        exact = all(index is None for index in self.indexes.values())
+        return "exact" if exact else str(self.relevant_distance)
 
     def nearest(self, reference: ReferenceVectors, pool: np.ndarray):
         from curation_assets.core.dedup.decontaminate import nearest_references, reference_index
@@ -98,7 +112,15 @@ class ReferenceSearch:
         if reference.name not in self.indexes:
             ivf = use_ivf(self.pool_rows, len(reference.vectors)) and len(pool) > 0
             self.indexes[reference.name] = (
-                reference_index(reference.vectors, self.mean, pool, self.relevant_distance) if ivf else None
+                reference_index(
+                    reference.vectors,
+                    self.mean,
+                    pool,
+                    self.relevant_distance,
+                    report_distance=self.report_distance,
+                )
+                if ivf
+                else None
             )
         return nearest_references(
             pool,
@@ -136,16 +158,23 @@ def shard_nearest(
         *(f"{r.name}:{r.meta['input_signature']}" for r in references),
     )
     path = nearest_path(store, shard)
-    if path.is_file() and store.parquet_metadata(path).get("input_signature") == signature:
-        return store.read_parquet(path), None
+    search = search or ReferenceSearch(mean, len(ids), 0.0)
+    if path.is_file():
+        stored = store.parquet_metadata(path)
+        # an IVF search was calibrated for one threshold: a higher one needs a new search
+        searched_for = stored.get("searched_for", "exact")
+        if stored.get("input_signature") == signature and (
+            searched_for == "exact" or float(searched_for) >= search.relevant_distance
+        ):
+            return store.read_parquet(path), None
     started = time.perf_counter()
     have = ids.filter(pl.col("row").is_not_null()).sort("row")
     image_ids = have["image_id"].to_list()
     pool = np.asarray(vectors)[have["row"].to_numpy()]
-    search = search or ReferenceSearch(mean, len(pool), 0.0)
     tables = [nearest_table(image_ids, r.name, r.paths, search.nearest(r, pool)) for r in references]
     table = pl.concat(tables) if tables else pl.DataFrame(schema=MATCH_SCHEMA)
-    store.write_parquet(table, path, metadata={"input_signature": signature})
+    metadata = {"input_signature": signature, "searched_for": search.searched_for}
+    store.write_parquet(table, path, metadata=metadata)
     return table, time.perf_counter() - started
 
 
@@ -162,6 +191,7 @@ def build_decontamination_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "near_dedup"),
         kinds={"faiss", "parquet"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         check_specs=[
             dg.AssetCheckSpec(
                 CHECK_WITHIN_THRESHOLD,
@@ -194,10 +224,12 @@ def build_decontamination_asset(project: ProjectConfig) -> dg.AssetsDefinition:
             refuse_other_model(reference, identity)
             references.append(reference)
         searched, nearest, seconds = [], [], 0.0
-        # the IVF path (at scale) is calibrated for the matches the report and decisions read
+        # the IVF path (at scale) is calibrated for the matches the decisions act on (the
+        # threshold); the report's margin past it is read from the same search
         search = ReferenceSearch(
             mean,
             sum(project_store.parquet_rows(project_store.shard_path(COPY_EMBEDDINGS, s)) for s in shards),
+            threshold,
             threshold + config.report_margin,
         )
         for shard in shards:

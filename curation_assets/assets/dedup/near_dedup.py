@@ -26,6 +26,7 @@ import polars as pl
 
 from curation_assets.assets.common import (
     CHECK_ONE_KEEPER,
+    GPU_STEP_TAGS,
     asset_key,
     group_name,
     load_project_model,
@@ -120,6 +121,7 @@ def build_index_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "near_dedup"),
         kinds={"faiss", "numpy"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         description=(
             "faiss index over every processed shard's copy-detection vectors (centred with the dataset mean, "
             f"L2-normalised; kind: {stage.index}). Despite its name (the walkthroughs' word) it is not "

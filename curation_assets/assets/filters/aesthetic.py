@@ -11,7 +11,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, load_project_model
+from curation_assets.assets.common import GPU_STEP_TAGS, asset_key, group_name, load_project_model
 from curation_assets.assets.embed.embeddings import model_stamp
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
@@ -137,6 +137,7 @@ def build_aesthetic_asset(project: ProjectConfig, partitions: dg.PartitionsDefin
         group_name=group_name(project, "filters"),
         kinds={"pytorch"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         check_specs=[dg.AssetCheckSpec(CHECK_SCORED, asset=key, description=_CHECK.description)],
         description=_description(project),
     )

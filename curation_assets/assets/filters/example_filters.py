@@ -18,7 +18,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model, md_table
+from curation_assets.assets.common import (
+    GPU_STEP_TAGS,
+    RateLogger,
+    asset_key,
+    group_name,
+    load_project_model,
+    md_table,
+)
 from curation_assets.assets.embed.embeddings import model_stamp
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
@@ -126,6 +133,7 @@ def build_example_embeddings_asset(project: ProjectConfig) -> dg.AssetsDefinitio
         group_name=group_name(project, "filters"),
         kinds={"pytorch", "numpy"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         description=(
             f"Semantic vectors (model `{stage.model}`) of the example images of each unwanted category "
             f"({', '.join(stage.categories)}). Recomputed only when an example file or the model changes."

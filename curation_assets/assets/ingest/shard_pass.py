@@ -19,7 +19,7 @@ import importlib
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, load_project_model
+from curation_assets.assets.common import GPU_STEP_TAGS, RateLogger, asset_key, group_name, load_project_model
 from curation_assets.assets.ingest.inventory import read_inventory
 from curation_assets.assets.ingest.sanitize import (
     finish_sanitize,
@@ -70,6 +70,7 @@ def build_shard_pass_asset(
         partitions_def=partitions,
         can_subset=True,
         pool="gpu" if with_models else None,
+        op_tags=GPU_STEP_TAGS if with_models else None,
         description=(
             "One read and one full decode per image feed every per-shard stage of the project; "
             "each output is its own asset."

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.common import RateLogger, asset_key, group_name, md_table
+from curation_assets.assets.common import GPU_STEP_TAGS, RateLogger, asset_key, group_name, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.filters.filter_decisions import filter_rules, score_assets
 from curation_assets.assets.keys import (
@@ -140,6 +140,7 @@ def build_label_issues_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "labels"),
         kinds={"faiss", "polars", "parquet"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         check_specs=[
             dg.AssetCheckSpec(
                 CHECK_ONE_ROW, asset=key, blocking=True, description="One row per kept image of each split."

@@ -11,7 +11,7 @@
 import dagster as dg
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table
+from curation_assets.assets.common import GPU_STEP_TAGS, asset_key, group_name, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.filters.shard_scores import (
     coverage_check,
@@ -152,6 +152,7 @@ def build_leaks_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "labels"),
         kinds={"faiss", "polars", "parquet"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         check_specs=[
             dg.AssetCheckSpec(
                 CHECK_CONSISTENT,

@@ -46,7 +46,7 @@ def export_staging(project: ProjectConfig, store: ProjectStore, root: Path) -> P
             f"export.layout {project.export.layout!r} makes links, which object storage cannot hold "
             f"(export root {root}): use copy, webdataset or manifest"
         )
-    return store.work_path(EXPORT, "staging") if store.remote else store.global_path(EXPORT, "staging")
+    return store.work_path(EXPORT, "staging")
 
 
 def plan_from_decisions(decisions: pl.DataFrame, keep: bool = True) -> pl.DataFrame:

@@ -1,7 +1,9 @@
 """`curation_report` (global): a self-contained HTML report of what the pipeline did and why.
 
 The funnel; near-duplicate example groups with distances and the distance histogram with
-the threshold; per filter the score histogram with its threshold and the images just
+the threshold; with evaluation sets (``references.sets``, role decontaminate) the pool images
+removed per set and the closest matches either side of the threshold, each pool image beside the
+evaluation image it matched; per filter the score histogram with its threshold and the images just
 either side of it; rotation before/after; samples per cluster and example grids. Written
 under the store (report.html, with its images embedded up to a size budget, + plots/ +
 thumbs/), opened from the asset metadata by a file:// link.
@@ -16,20 +18,38 @@ import numpy as np
 import polars as pl
 
 from curation_assets.assets.common import asset_key, group_name, plot_md
+from curation_assets.assets.dedup.decontamination import (
+    borderline_path,
+    decontamination_enabled,
+    decontamination_threshold,
+)
 from curation_assets.assets.filters.filter_decisions import filter_rules
-from curation_assets.assets.keys import CLUSTERS, DECISIONS, GROUPS, INVENTORY, PAIRS, REPORT, SAMPLE
+from curation_assets.assets.keys import (
+    CLUSTERS,
+    DECISIONS,
+    GROUPS,
+    INVENTORY,
+    PAIRS,
+    REFERENCE_EMBEDDINGS,
+    REPORT,
+    SAMPLE,
+)
 from curation_assets.assets.outputs.decision_inputs import project_stages
 from curation_assets.assets.outputs.decisions import decisions_path
 from curation_assets.config import ProjectConfig
+from curation_assets.core.dedup.decontaminate import locate_reference_images
 from curation_assets.core.ingest.retirement import load_batches, retired_root, retired_totals
 from curation_assets.core.outputs.decisions import decision_funnel
 from curation_assets.core.outputs.report import (
     ClusterSection,
+    ContaminationMatch,
+    DecontaminationSection,
     DuplicateGroupExample,
     FilterSection,
     FunnelStep,
     ImageLoc,
     NearPair,
+    ReferenceSetCount,
     ReportData,
     RotationExample,
     render_report,
@@ -111,6 +131,62 @@ def near_pairs(
     return [pair(r, d) for r, d in below], [pair(r, d) for r, d in above]
 
 
+def decontamination_section(
+    project: ProjectConfig, store: ProjectStore, decisions: pl.DataFrame, locate: Locator, n: int
+) -> DecontaminationSection | None:
+    """Per evaluation set the pool images removed as near-copies of it, and the ``n`` matches
+    closest to the threshold on each side (from ``borderline.parquet``), each with the evaluation
+    image it matched; None when the project names no evaluation set."""
+    if not decontamination_enabled(project):
+        return None
+    sets = project.references.of_role("decontaminate")
+    # the decisions' reasons, not the matches: a pool image of a retired shard is in neither
+    reasons = decisions.select(pl.col("reasons").list.unique().explode().drop_nulls().alias("reason"))
+    removed = dict(reasons.group_by("reason").len().iter_rows())
+    counts = []
+    for name in sorted(sets):
+        cached = store.shard_path(REFERENCE_EMBEDDINGS, name)  # absent for a set of vectors
+        images = store.parquet_rows(cached) if cached.is_file() else None
+        counts.append(
+            ReferenceSetCount(name, sets[name].kind, int(removed.get(f"contamination:{name}", 0)), images)
+        )
+    path = borderline_path(store)
+    edge = store.read_parquet(path) if path.is_file() else pl.DataFrame()
+    below: list[tuple] = []
+    above: list[tuple] = []
+    if not edge.is_empty():
+        edge = edge.filter(pl.col("image_id").is_in(locate.ids.implode()))
+        columns = ["image_id", "reference_set", "reference_image", "distance"]
+        # nearest the threshold first, then shown in ascending distance (walking across it)
+        removed_side = edge.filter(pl.col("side") == "removed").sort("distance", descending=True).head(n)
+        kept_side = edge.filter(pl.col("side") == "kept").sort("distance").head(n)
+        below = removed_side.sort("distance").select(columns).rows()
+        above = kept_side.select(columns).rows()
+    wanted: dict[str, list[str]] = {}
+    for _, set_name, image, _ in [*below, *above]:
+        wanted.setdefault(set_name, []).append(image)
+    where = {
+        set_name: locate_reference_images(sets[set_name].path, sets[set_name].kind, images)
+        for set_name, images in wanted.items()
+        if set_name in sets  # a set removed from the project since: its images show as names
+    }
+
+    def match(image_id: str, set_name: str, image: str, distance: float) -> ContaminationMatch:
+        found = where.get(set_name, {}).get(image)
+        reference = (
+            None if found is None else ImageLoc(image, found.source_path, found.offset, found.size_bytes)
+        )
+        # 1 - cos of identical vectors can come out a hair below 0 in float32
+        return ContaminationMatch(locate(image_id), set_name, image, reference, max(float(distance), 0.0))
+
+    return DecontaminationSection(
+        decontamination_threshold(project),
+        counts,
+        below=[match(*row) for row in below],
+        above=[match(*row) for row in above],
+    )
+
+
 def filter_sections(
     project: ProjectConfig, decisions: pl.DataFrame, locate: Locator, n: int
 ) -> list[FilterSection] | None:
@@ -189,6 +265,7 @@ def build_report_data(project: ProjectConfig, store: ProjectStore, decisions: pl
         data.near_dup_threshold = threshold
         if groups.is_file():
             data.duplicate_groups = duplicate_examples(store.read_parquet(groups), locate, n)
+    data.decontamination = decontamination_section(project, store, decisions, locate, n)
     data.filters = filter_sections(project, decisions, locate, n)
     if project.stages.rotation.enabled:
         data.rotations = rotation_examples(decisions, locate, n)
@@ -218,7 +295,8 @@ def build_report_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "curation"),
         kinds={"html"},
         description=(
-            "A self-contained HTML report: funnel, near-duplicate groups and distance histogram, filter "
+            "A self-contained HTML report: funnel, near-duplicate groups and distance histogram, "
+            "decontamination matches either side of the threshold (with evaluation sets), filter "
             "histograms with the images either side of each threshold, rotations, samples per cluster."
         ),
     )

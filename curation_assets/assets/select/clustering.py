@@ -20,7 +20,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, md_table, plot_md
+from curation_assets.assets.common import GPU_STEP_TAGS, asset_key, group_name, md_table, plot_md
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.keys import (
     CLUSTERS,
@@ -182,6 +182,7 @@ def build_clusters_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "clustering"),
         kinds={"faiss", "pytorch", "numpy"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         description=(
             "Hierarchical k-means with resampling over the semantic vectors of the images that survive every "
             f"earlier decision: levels {[lv.n_clusters for lv in stage.levels]}, n_samples "

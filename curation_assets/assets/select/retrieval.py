@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from curation_assets.assets.common import asset_key, group_name, load_project_model, md_table
+from curation_assets.assets.common import GPU_STEP_TAGS, asset_key, group_name, load_project_model, md_table
 from curation_assets.assets.dedup.exact_duplicates import processed_shards
 from curation_assets.assets.dedup.references import (
     ensure_reference_vectors,
@@ -78,6 +78,7 @@ def build_retrieval_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         group_name=group_name(project, "clustering"),
         kinds={"faiss", "parquet"},
         pool="gpu",
+        op_tags=GPU_STEP_TAGS,
         check_specs=[
             dg.AssetCheckSpec(
                 CHECK_UNIQUE, asset=key, blocking=True, description="No image is selected twice."

@@ -13,10 +13,14 @@ reference set's vectors:
   chunk, never a pool x references matrix;
 - at scale (more than :data:`~curation_assets.core.dedup.nearest.FLAT_MAX_PRODUCTS` pool x
   reference products: 25 T multiply-adds at 1M x 50k x 512) the references go into an IVF-Flat
-  index instead, with nprobe chosen for recall >= 0.99 of the matches within
-  ``relevant_distance`` (the threshold plus the report's margin) on a sample of the pool
-  (:mod:`curation_assets.core.dedup.nearest`); farther than that the nearest reference found
-  may not be the nearest, which decides nothing;
+  index instead (the smaller side: 50k references train in a second, and each pool row probes a
+  few lists of it), with nprobe chosen for recall >= 0.99 of the matches within
+  ``relevant_distance`` (the threshold: what decides a removal) on a sample of the pool
+  (:mod:`curation_assets.core.dedup.nearest`). The report's matches just past the threshold
+  come from the same search, their distances exact and their order checked against the
+  screen's rounding up to ``report_distance``, but found at the recall the threshold's
+  calibration gives there; farther than that the nearest reference found may not be the
+  nearest, which decides nothing;
 - each pool image gets its nearest reference per set, with the exact cosine distance.
 """
 
@@ -59,15 +63,23 @@ def reference_index(
     calibration_pool: np.ndarray,
     relevant_distance: float | None = None,
     seed: int = 0,
+    report_distance: float | None = None,
 ) -> IvfSearch:
     """An IVF index of the (raw) references for :func:`nearest_references`, built once per set and
     reused for every shard; nprobe is calibrated on a sample of ``calibration_pool``'s rows for
-    recall >= 0.99 of the references within ``relevant_distance`` (all nearest ones when None)."""
+    recall >= 0.99 of the references within ``relevant_distance`` (all nearest ones when None),
+    and the screen's order checked up to ``report_distance`` (default: ``relevant_distance``)."""
     from curation_assets.core.dedup.nearest import IvfSearch, Prepared
 
     min_score = None if relevant_distance is None else 1.0 - relevant_distance
+    report = relevant_distance if report_distance is None else max(report_distance, relevant_distance or 0.0)
     return IvfSearch.build(
-        Prepared(references, mean), Prepared(calibration_pool, mean), 1, min_score=min_score, seed=seed
+        Prepared(references, mean),
+        Prepared(calibration_pool, mean),
+        1,
+        min_score=min_score,
+        seed=seed,
+        verify_score=None if report is None else 1.0 - report,
     )
 
 
@@ -80,13 +92,15 @@ def nearest_references(
     kind: str = "auto",
     relevant_distance: float | None = None,
     ivf: IvfSearch | None = None,
+    report_distance: float | None = None,
 ) -> NearestReferences:
     """The nearest of ``references`` to each row of ``pool`` (raw vectors, float16 or float32).
 
     Both are prepared with ``mean`` (centred, L2-normalised); the pool one chunk at a time, so a
     memory-mapped pool is read once and never held as float32 whole. ``kind``: ``flat`` (exact),
     ``ivf`` or ``auto`` (IVF above FLAT_MAX_PRODUCTS products); ``ivf``: an index from
-    :func:`reference_index` to reuse (else one is built here, calibrated on this pool).
+    :func:`reference_index` to reuse (else one is built here, calibrated on this pool for recall
+    within ``relevant_distance``, its screen checked up to ``report_distance``).
     """
     import faiss
 
@@ -99,7 +113,9 @@ def nearest_references(
     if not n or not len(references):
         return NearestReferences(rows, distance)
     if ivf is not None or use_ivf(n, len(references), kind):
-        ivf = ivf or reference_index(references, mean, pool, relevant_distance)
+        ivf = ivf or reference_index(
+            references, mean, pool, relevant_distance, report_distance=report_distance
+        )
         found, score = ivf.search(Prepared(pool, mean), 1)
         hit = found[:, 0] >= 0
         rows[hit] = found[hit, 0]
@@ -147,7 +163,10 @@ def contaminated(nearest: pl.DataFrame, threshold: float) -> pl.DataFrame:
 def borderline(nearest: pl.DataFrame, threshold: float, margin: float, shown: int) -> pl.DataFrame:
     """The ``shown`` matches closest to the threshold on each side (within ``margin``), for a reviewer
     choosing the threshold: the weakest matches removed and the strongest ones kept."""
-    near = nearest.filter((pl.col("distance") - threshold).abs() <= margin)
+    # in float64, identical vectors at 0: a float32 distance of -2e-8 minus a threshold of 0.1
+    # rounds past a margin of 0.1, and an exact copy would drop out of the report
+    gap = (pl.col("distance").cast(pl.Float64).clip(lower_bound=0.0) - threshold).abs()
+    near = nearest.filter(gap <= margin)
     below = near.filter(pl.col("distance") <= threshold).sort("distance", descending=True).head(shown)
     above = near.filter(pl.col("distance") > threshold).sort("distance").head(shown)
     return pl.concat(
@@ -156,3 +175,53 @@ def borderline(nearest: pl.DataFrame, threshold: float, margin: float, shown: in
             above.with_columns(side=pl.lit("kept")),
         ]
     ).sort("distance")
+
+
+@dataclass(frozen=True)
+class ReferenceImageLocation:
+    """Where a reference image's bytes are: a plain file (offset None) or a member of a tar."""
+
+    source_path: str
+    offset: int | None = None
+    size_bytes: int | None = None
+
+
+def locate_reference_images(root: str, kind: str, names: list[str]) -> dict[str, ReferenceImageLocation]:
+    """Where the named images of a reference set are, for showing them (a report's thumbnails).
+
+    Names are the ones decontamination records (:mod:`curation_assets.core.dedup.references`): a
+    path under the set's folder (``directory``) or ``<tar path>/<member>`` (``webdataset``: the
+    member is found in its tar's headers, only the tars named are read). A ``vectors`` set has no
+    images, and a name whose tar or member is gone is left out: the caller shows the name alone.
+    """
+    import tarfile
+
+    from curation_assets.core.storage import as_path, open_input
+
+    folder = as_path(str(root))
+    if kind == "directory":
+        return {name: ReferenceImageLocation(str(folder / name)) for name in names}
+    if kind != "webdataset":
+        return {}
+    by_tar: dict[str, dict[str, str]] = {}  # tar path under the folder -> member -> name
+    for name in names:
+        parts = name.split("/")
+        # the first component ending in .tar ends the tar's path: members may hold folders
+        cut = next((i for i, part in enumerate(parts[:-1]) if part.endswith(".tar")), None)
+        if cut is not None:
+            by_tar.setdefault("/".join(parts[: cut + 1]), {})["/".join(parts[cut + 1 :])] = name
+    found: dict[str, ReferenceImageLocation] = {}
+    for tar, members in by_tar.items():
+        path = str(folder / tar)
+        try:
+            with open_input(path) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
+                wanted = dict(members)
+                for member in archive:  # headers only, stopping once every wanted member is seen
+                    name = wanted.pop(member.name, None)
+                    if name is not None and member.isfile():
+                        found[name] = ReferenceImageLocation(path, member.offset_data, member.size)
+                    if not wanted:
+                        break
+        except (OSError, tarfile.TarError, EOFError):
+            continue  # the set changed since it was searched: its images show as names
+    return found

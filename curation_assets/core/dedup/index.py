@@ -1005,10 +1005,24 @@ def list_of_rows(index: VectorIndex) -> np.ndarray:
     return out
 
 
-def probe_ranks(index: VectorIndex, queries: np.ndarray) -> np.ndarray:
+def screen_margin(precision: str = "auto") -> float:
+    """How far a score of :func:`search_knn` at ``precision`` may lie from the exact one (unit
+    vectors): what a caller re-scoring its candidates needs to know whether one was missed."""
+    return _Engine(precision).margin
+
+
+def probe_ranks(index: VectorIndex, queries: np.ndarray, precision: str = "fp32") -> np.ndarray:
     """For each (prepared) query, the rank of every inverted list in its probe order (0: probed
-    first), by float32 centroid scores: a neighbour stored in list l is found with nprobe > rank[l]."""
-    scores = _float32(queries, index.dim) @ _centroids(index.ivf).T
+    first), by centroid scores at ``precision`` (that of the search being calibrated: bfloat16
+    rounding may swap two lists of nearly equal score): a neighbour stored in list l is found
+    with nprobe > rank[l]."""
+    centroids = _centroids(index.ivf)
+    if precision == "fp32":
+        scores = _float32(queries, index.dim) @ centroids.T
+    else:  # the products _probes computes, rounded as the search rounds them
+        engine = _Engine(precision)
+        query_t = engine.cast(engine.tensor(queries, index.dim))
+        scores = (query_t @ engine.cast(engine.tensor(centroids)).T).float().numpy()
     order = np.argsort(-scores, axis=1, kind="stable")
     ranks = np.empty_like(order, dtype=np.int32)
     np.put_along_axis(ranks, order, np.arange(order.shape[1], dtype=np.int32)[None, :], axis=1)

@@ -17,7 +17,15 @@ callers search here instead:
 - the queries are searched in chunks by the join's grouped products (:func:`search_knn
   <curation_assets.core.dedup.index.search_knn>`), a few more candidates than asked for, and
   those are re-scored exactly (float64 dot products of the prepared float32 vectors), the
-  most similar first, ties to the lower base row, as the exact paths order them.
+  most similar first, ties to the lower base row, as the exact paths order them;
+- the products run in bfloat16 where this CPU multiplies it faster (AMX / AVX512-BF16: ~4x
+  float32's rate), a screen whose scores lie within ``BF16_MARGIN`` of the exact ones. Whether
+  the screen can have hidden a neighbour is known after the re-scoring: a probed row left out
+  scored at most the lowest candidate's screen score, so its exact score is at most that plus
+  the margin; when that bound reaches both the k-th exact score and ``verify_score`` (the
+  range the caller acts on), the query is searched again in float32. Far from that range (a
+  pool image whose nearest evaluation image is an unrelated one) the order of near-equal
+  neighbours decides nothing and is not checked.
 
 Memory: the index (base x dim float32), one query chunk and its candidates; never a queries x
 base matrix. Recall is measured on neighbours at score >= ``min_score`` (the ones the caller
@@ -42,8 +50,12 @@ MIN_IVF_BASE = 4096
 CALIBRATION_QUERIES = 1000
 # fewer relevant neighbours than this in the sample: calibrate on all of them (a stricter test)
 MIN_RELEVANT = 200
-LIST_SIZE = 512  # vectors per inverted list (see IvfSearch.build)
+LIST_SIZE = 64  # vectors per inverted list, up to default_nlist's count of lists (see IvfSearch.build)
 EXTRA_CANDIDATES = 4  # re-scored beyond k: covers the join's rounding between close neighbours
+# re-scored beyond k after a bfloat16 screen: the more candidates, the fewer queries whose hidden
+# rows could outscore them (and are searched again in float32); re-scoring costs ~nothing next
+# to the search
+SCREEN_CANDIDATES = 8
 
 
 def use_ivf(n_queries: int, n_base: int, kind: str = "auto") -> bool:
@@ -98,6 +110,8 @@ class IvfSearch:
     base: Prepared
     nprobe: int
     stats: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"  # of the screening products (auto: bfloat16 where faster)
+    verify_score: float = -math.inf  # screened queries whose hidden rows may score this are redone
 
     @classmethod
     def build(
@@ -110,17 +124,24 @@ class IvfSearch:
         target_recall: float = 0.99,
         sample: int = CALIBRATION_QUERIES,
         seed: int = 0,
+        verify_score: float | None = None,
+        precision: str = "auto",
     ) -> IvfSearch:
         """Train and fill the index, then choose nprobe on ``sample`` rows of ``calibration_queries``.
 
         The calibration aims half-way between ``target_recall`` and 1 (0.995 for 0.99), so that
         the recall over all queries stays above the target despite the sample's noise.
+        ``verify_score`` (default ``min_score``): the lowest score whose order the search
+        guarantees against the screen's rounding (see the module docstring).
         """
         from curation_assets.core.dedup.index import VectorIndex, default_nlist, list_of_rows, probe_ranks
 
         started = time.perf_counter()
-        # lists of ~LIST_SIZE vectors: a smaller list costs the join more in gathering its
-        # queries than in multiplying them (the near-dedup index's lists hold ~500 at 1M)
+        # lists of ~LIST_SIZE vectors, as many as default_nlist allows: a small base (50k
+        # evaluation images) in 512-ish coarse lists mixes unrelated clusters, and a near-copy's
+        # list then ranks anywhere among them (200k x 20k: 9 of 32 lists of 625 for recall 0.99);
+        # in lists of ~80 that follow the data's clusters 13 of 256 did, searched in 60% of the
+        # time. Below ~64 the join spends more on gathering queries than on multiplying them.
         by_size = 1 << max(0, round(math.log2(max(len(base), 1) / LIST_SIZE)))
         nlist = max(1, min(default_nlist(len(base)), max(16, by_size)))
         # nprobe 1 at build: the add then keeps each row's own list, which the calibration reads
@@ -146,7 +167,7 @@ class IvfSearch:
             relevant = found
         cached = index.cached_probes(np.arange(index.count), 1)
         lists = cached[:, 0] if cached is not None else list_of_rows(index)
-        ranks = probe_ranks(index, queries)
+        ranks = probe_ranks(index, queries, precision)  # the lists the search itself will probe
         q, j = np.nonzero(relevant)
         needed = ranks[q, lists[rows[q, j]]]  # a neighbour is probed when nprobe > its list's rank
         nlist = index.ivf.nlist
@@ -167,27 +188,49 @@ class IvfSearch:
             "build_s": round(built - started, 3),
             "calibrate_s": round(time.perf_counter() - built, 3),
         }
-        return cls(index, base, nprobe, stats)
+        verify = verify_score if verify_score is not None else min_score
+        return cls(index, base, nprobe, stats, precision, -math.inf if verify is None else verify)
 
     def search(self, queries: Prepared, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """(rows int64 (n, k), -1 where none; exact cosine scores float64 (n, k), -inf there),
         most similar first, ties to the lower base row."""
-        from curation_assets.core.dedup.index import search_knn
+        from curation_assets.core.dedup.index import screen_margin, search_knn
 
         n = len(queries)
         rows = np.full((n, k), -1, dtype=np.int64)
         scores = np.full((n, k), -np.inf, dtype=np.float64)
         started = time.perf_counter()
+        margin = screen_margin(self.precision)
+        # float32's rounding (~1e-4) is inside what EXTRA_CANDIDATES covers: only a coarser screen
+        # is checked (its 1/64 reorders neighbours closer than that, which calibration cannot see)
+        coarse = margin > 1e-3
+        width = min(k + (SCREEN_CANDIDATES if coarse else EXTRA_CANDIDATES), self.index.count)
+        redone = 0
         for start in range(0, n, chunk):
             block = queries[start : start + chunk]
-            # float32 products: bfloat16's rounding (1/64) reorders neighbours closer than that,
-            # which the calibration (of which lists hold the neighbours) cannot see
-            width = min(k + EXTRA_CANDIDATES, self.index.count)
-            found, _ = search_knn(self.index, block, width, self.nprobe, precision="fp32")
+            found, screened = search_knn(self.index, block, width, self.nprobe, precision=self.precision)
+            if coarse:
+                # a query none of whose candidates can reach verify_score decides nothing: its k
+                # best screened rows are re-scored (exact scores), the others are not looked at
+                near = screened[:, 0].astype(np.float64) + margin >= self.verify_score
+                found[~near, k:] = -1
             best_rows, best_scores = rescore(block, found, self.base, k)
+            if coarse:
+                # a probed row outside the candidates screened at most as high as the lowest of
+                # them: its exact score is at most that plus the margin (-inf: every probed row is in)
+                hidden = screened[:, -1].astype(np.float64) + margin
+                again = np.flatnonzero((hidden > best_scores[:, k - 1]) & (hidden >= self.verify_score))
+                if len(again):
+                    redone += len(again)
+                    part = block[again]
+                    exact_width = min(k + EXTRA_CANDIDATES, self.index.count)
+                    found, _ = search_knn(self.index, part, exact_width, self.nprobe, precision="fp32")
+                    best_rows[again], best_scores[again] = rescore(part, found, self.base, k)
             rows[start : start + len(block)] = best_rows
             scores[start : start + len(block)] = best_scores
         self.stats["search_s"] = round(self.stats.get("search_s", 0.0) + time.perf_counter() - started, 3)
+        self.stats["screen"] = "bf16" if coarse else "fp32"
+        self.stats["searched_again_fp32"] = self.stats.get("searched_again_fp32", 0) + redone
         return rows, scores
 
 
@@ -207,18 +250,24 @@ def near_copies(
 
 
 def rescore(
-    queries: np.ndarray, candidates: np.ndarray, base: Prepared, k: int
+    queries: np.ndarray, candidates: np.ndarray, base: Prepared, k: int, chunk: int = 2048
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of each query's candidate rows (-1: none) by exact float64 dot products."""
+    """The ``k`` best of each query's candidate rows (-1: none) by exact float64 dot products.
+
+    In chunks of queries: the gathered candidate vectors of all queries at once would be
+    queries x candidates x dim floats (GBs at a million queries)."""
     n, width = candidates.shape
     valid = candidates >= 0
     scores = np.full((n, width), -np.inf, dtype=np.float64)
-    q, j = np.nonzero(valid)
-    if len(q):
-        wanted = candidates[q, j]
+    for start in range(0, n, chunk):
+        q, j = np.nonzero(valid[start : start + chunk])
+        if not len(q):
+            continue
+        wanted = candidates[start + q, j]
         unique, inverse = np.unique(wanted, return_inverse=True)  # sorted: kind to memory maps
         vectors = base[unique]
-        scores[q, j] = np.einsum("ij,ij->i", queries[q], vectors[inverse], dtype=np.float64)
+        block = np.asarray(queries[start : start + chunk], dtype=np.float32)
+        scores[start + q, j] = np.einsum("ij,ij->i", block[q], vectors[inverse], dtype=np.float64)
     tie = np.where(valid, candidates, np.iinfo(np.int64).max)
     order = np.lexsort((tie, -scores), axis=1)[:, :k]
     rows = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)

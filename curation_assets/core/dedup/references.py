@@ -8,7 +8,8 @@ of vectors computed elsewhere (``vectors``: columns ``path`` and ``vector``, the
 its footer under ``curation.model``, as the store's own vector tables record it). A reference
 image is named by its path relative to the set's folder (a tar member: ``<tar path>/<member>``),
 so decisions and reports name an evaluation image the way its benchmark does
-(``val/n01440764/ILSVRC2012_val_0001.JPEG``).
+(``val/n01440764/ILSVRC2012_val_0001.JPEG``). A set's folder may be on object storage
+(``s3://bucket/imagenet/val``): it is listed and read through fsspec (core.storage).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 
 from curation_assets.core.ingest.formats import IMAGE_EXTENSIONS
 from curation_assets.core.ingest.images import ImageRef
+from curation_assets.core.storage import as_path, open_input
 
 
 class ReferenceSetError(ValueError):
@@ -36,21 +38,22 @@ class ReferenceFiles:
     """The image files of one reference set, in a stable (sorted) order."""
 
     name: str
-    root: Path
+    root: Path  # a Path, or a UPath on object storage
     files: tuple[Path, ...]  # image files (directory) or tar shards (webdataset)
     kind: str = "directory"
+    stamps: tuple[str, ...] = ()  # per file: size and mtime (or ETag), taken when it was listed
 
     def fingerprint(self) -> str:
         """Changes when a file is added, removed or rewritten (path, size, mtime)."""
         digest = xxhash.xxh3_128()
         digest.update(f"{self.name}\0{self.root}\n".encode())
-        for path in self.files:
-            stat = path.stat()
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stamps = self.stamps or tuple(_stamp(path) for path in self.files)
+        for path, stamp in zip(self.files, stamps, strict=True):
+            digest.update(f"{path}\0{stamp}\n".encode())
         return digest.hexdigest()
 
     def relative(self, path: Path | str) -> str:
-        return Path(path).relative_to(self.root).as_posix()
+        return as_path(path).relative_to(self.root).as_posix()
 
 
 def _is_image(name: str) -> bool:
@@ -60,7 +63,7 @@ def _is_image(name: str) -> bool:
 def list_reference_set(name: str, folder: str | Path, kind: str = "directory") -> ReferenceFiles:
     """Every image file (or ``.tar`` shard) under ``folder``, recursively, failing clearly when
     there is none."""
-    root = Path(folder)
+    root = as_path(str(folder))
     if kind == "vectors":
         if not root.is_file():
             raise ReferenceSetError(f"references.sets.{name}.path: vectors file {root} does not exist")
@@ -68,14 +71,32 @@ def list_reference_set(name: str, folder: str | Path, kind: str = "directory") -
     if not root.is_dir():
         raise ReferenceSetError(f"references.sets.{name}.path: folder {root} does not exist")
     if kind == "webdataset":
-        files = tuple(sorted(p for p in root.rglob("*.tar") if p.is_file()))
+        listed = [(p, s) for p, s in _files_below(root) if p.name.endswith(".tar")]
         what = ".tar shards"
     else:
-        files = tuple(sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name)))
+        listed = [(p, s) for p, s in _files_below(root) if _is_image(p.name)]
         what = "image files"
-    if not files:
+    if not listed:
         raise ReferenceSetError(f"references.sets.{name}.path: no {what} in {root}")
-    return ReferenceFiles(name, root, files, kind)
+    return ReferenceFiles(name, root, tuple(p for p, _ in listed), kind, tuple(s for _, s in listed))
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}\0{getattr(stat, 'st_mtime_ns', stat.st_mtime)}"  # UPath stats: st_mtime
+
+
+def _files_below(root: Path) -> list[tuple[Path, str]]:
+    """(file, stamp) of every file below ``root``, sorted: a walk locally, one paginated listing
+    on object storage (no request per file)."""
+    if isinstance(root, Path):
+        return [(p, _stamp(p)) for p in sorted(root.rglob("*")) if p.is_file()]
+    base = root.path.rstrip("/")  # type: ignore[attr-defined]
+    found = root.fs.find(base, detail=True)  # type: ignore[attr-defined]
+    return [
+        (root / key[len(base) + 1 :], f"{info.get('size')}\0{info.get('ETag')}")
+        for key, info in sorted(found.items())
+    ]
 
 
 def reference_refs(files: ReferenceFiles) -> tuple[list[ImageRef], list[str]]:
@@ -90,7 +111,7 @@ def reference_refs(files: ReferenceFiles) -> tuple[list[ImageRef], list[str]]:
     refs, unreadable = [], []
     for path in files.files:
         try:
-            with Image.open(path) as im:
+            with path.open("rb") as handle, Image.open(handle) as im:
                 width, height = im.size
         except Exception as exc:
             unreadable.append(f"{path}: {type(exc).__name__}: {exc}")
@@ -105,7 +126,7 @@ def _tar_refs(files: ReferenceFiles) -> tuple[list[ImageRef], list[str]]:
     for tar in files.files:
         prefix = files.relative(tar)
         try:
-            with tarfile.open(tar, "r:") as archive:
+            with open_input(str(tar)) as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
                 for member in sorted(archive.getmembers(), key=lambda m: m.name):
                     if not (member.isfile() and _is_image(member.name)):
                         continue  # WebDataset keeps captions and metadata beside each image
@@ -135,7 +156,8 @@ def read_vector_table(files: ReferenceFiles) -> tuple[list[str], np.ndarray, dic
 
     path = files.files[0]
     key = f"references.sets.{files.name}.path"
-    table = pq.read_table(path)
+    with path.open("rb") as handle:
+        table = pq.read_table(handle)
     metadata = table.schema.metadata or {}
     if VECTORS_MODEL_KEY not in metadata:
         raise ReferenceSetError(

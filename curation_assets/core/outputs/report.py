@@ -49,6 +49,7 @@ REMOVES = ("below", "above")
 SECTION_TITLES = {
     "funnel": "Funnel",
     "near_duplicates": "Near duplicates",
+    "decontamination": "Decontamination",
     "filters": "Filters",
     "rotation": "Rotation",
     "clusters": "Clusters",
@@ -129,6 +130,47 @@ class NearPair:
 
 
 @dataclass
+class ContaminationMatch:
+    """A pool image and the nearest image of an evaluation (reference) set, at their copy-detection
+    distance: one match near the decontamination threshold."""
+
+    image: ImageLoc  # the pool image
+    reference_set: str
+    reference_image: str  # its name in the set: path under the set's folder, or <tar path>/<member>
+    reference: ImageLoc | None  # where the reference image's bytes are; None: the set holds vectors only
+    distance: float
+
+
+@dataclass
+class ReferenceSetCount:
+    """What decontamination did with one reference set: pool images removed as near-copies of it."""
+
+    name: str
+    kind: str  # directory | webdataset | vectors
+    removed: int
+    reference_images: int | None = None  # the set's images with a vector, when known
+
+
+@dataclass
+class DecontaminationSection:
+    """Pool images removed as near-copies of evaluation images (``references.sets``, role
+    decontaminate): per-set counts and the matches closest to the threshold on each side.
+
+    ``below``: matches at or under the threshold (removed), ``above``: the closest past it (kept),
+    each in ascending distance, so reading one then the other walks across the threshold.
+    """
+
+    threshold: float
+    sets: list[ReferenceSetCount]
+    below: list[ContaminationMatch] = field(default_factory=list)
+    above: list[ContaminationMatch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"decontamination: threshold must be a finite number, got {self.threshold!r}")
+
+
+@dataclass
 class FilterSection:
     """One score filter: every score, its threshold, which side it removes, and images at the edge.
 
@@ -202,7 +244,7 @@ class ReportData:
     """Everything the report shows. ``None`` (or no filters) marks a stage that is off.
 
     ``notes``: free text shown in a section, keyed by section id ("funnel",
-    "near_duplicates", "filters", "rotation", "clusters") or by a filter's name; any other
+    "near_duplicates", "decontamination", "filters", "rotation", "clusters") or by a filter's name; any other
     key is listed under the summary.
     """
 
@@ -215,6 +257,9 @@ class ReportData:
     # so both are kept by this stage): what a user moving the threshold would change
     near_pairs_below: list[NearPair] = field(default_factory=list)
     near_pairs_above: list[NearPair] = field(default_factory=list)
+    # None: the project names no evaluation set, and the page has no such section (not even "off":
+    # decontamination is not a stage every project has and turned off, it exists only with references)
+    decontamination: DecontaminationSection | None = None
     filters: list[FilterSection] | None = None
     rotations: list[RotationExample] | None = None
     clusters: ClusterSection | None = None
@@ -352,6 +397,11 @@ def _request_thumbnails(data: ReportData, thumbs: _Thumbnails) -> None:
     for pair in [*data.near_pairs_below, *data.near_pairs_above]:
         thumbs.want(pair.a)
         thumbs.want(pair.b)
+    if data.decontamination is not None:
+        for match in [*data.decontamination.below, *data.decontamination.above]:
+            thumbs.want(match.image)
+            if match.reference is not None:
+                thumbs.want(match.reference)
     for section in data.filters or []:
         for loc, _ in [*section.below, *section.above]:
             thumbs.want(loc)
@@ -531,6 +581,7 @@ class _Figure:
     badge: str = ""  # this section's verdict ("removed" / "kept"), its CSS class
     verdict: str = ""  # the badge's words
     final: str | None = None  # the image's fate in the decisions ("removed" / "kept"), when known
+    placeholder: str = "unreadable"  # the words in the box shown instead of a picture (src None)
 
     @property
     def short(self) -> str:
@@ -584,18 +635,20 @@ class _Page:
         sections = [
             self._funnel(),
             self._near_duplicates(),
+            self._decontamination(),
             self._filters(),
             self._rotation(),
             self._clusters(),
         ]
+        shown = [section for section in sections if section is not None]
         # after the sections: the summary lists which were off and which notes they did not show
         return render_template(
             "report.html.j2",
             title=f"Curation report: {self.data.project}",
-            nav=SECTION_TITLES,
+            nav={section.key: section.title for section in shown},
             summary=self._summary(),
             embed_note=self._embedding_note(),
-            sections=sections,
+            sections=shown,
             count=_count,
             percent=_percent,
         )
@@ -751,6 +804,51 @@ class _Page:
             sides.append({"label": label, "pairs": figures})
         threshold = data.near_dup_threshold
         return {"threshold": "" if threshold is None else f" {_dist(threshold)}", "sides": sides}
+
+    def _decontamination(self) -> _Section | None:
+        section_data = self.data.decontamination
+        if section_data is None:
+            return None  # no evaluation set named: no section at all (see ReportData)
+        section = self._open("decontamination")
+        threshold = section_data.threshold
+        section.facts = [
+            f"{_plural(len(section_data.sets), 'evaluation set')}",
+            f"a pool image is removed when the nearest image of a set lies within copy-detection"
+            f" distance {_dist(threshold)} of it",
+        ]
+        sides = []
+        for label, matches, badge in (
+            ("At or under it: removed", section_data.below, "removed"),
+            ("Just past it: kept by this stage", section_data.above, "kept"),
+        ):
+            pairs = [
+                [
+                    self._figure(match.image, f"d = {_dist(match.distance)}", badge=badge),
+                    self._reference_figure(match),
+                ]
+                for match in matches
+            ]
+            sides.append({"label": label, "pairs": pairs})
+        section.parts = {
+            "sets": section_data.sets,
+            "threshold": _dist(threshold),
+            "sides": sides,
+        }
+        return section
+
+    def _reference_figure(self, match: ContaminationMatch) -> _Figure:
+        """The matched evaluation image, captioned with its set; a set of vectors alone has no
+        picture to show, only the name its benchmark gives the image."""
+        caption = f"{match.reference_set} image"
+        if match.reference is not None:
+            return self._figure(match.reference, caption)
+        return _Figure(
+            match.reference_image,
+            self.thumbs.side,
+            caption,
+            error=f"reference set {match.reference_set} holds vectors only",
+            placeholder="vectors only",
+        )
 
     def _filters(self) -> _Section:
         filters = self.data.filters
