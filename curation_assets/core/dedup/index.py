@@ -1087,3 +1087,87 @@ def search_knn(
     best = torch.topk(found_scores, min(k, nprobe * k), dim=1)
     rows = torch.gather(found_rows.view(n, nprobe * k), 1, best.indices)
     return rows.numpy(), best.values.numpy()
+
+
+def search_top1(
+    index: VectorIndex, queries: np.ndarray, nprobe: int, precision: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The single highest-scoring row of an IVF-Flat ``index`` for each prepared query, and a
+    bound on every other probed row: (rows int64 (n,), -1 where none was probed; its score
+    float32 (n,), -inf there; the second-highest score among the probed rows float32 (n,),
+    -inf where fewer than two).
+
+    :func:`search_knn`'s grouped products for k = 1: per (query, list) pair only the row
+    maximum, its column and the runner-up are kept (a row maximum instead of a top-k), and the
+    queries are gathered in the engine's dtype (half the bytes of float32 in bfloat16).
+    """
+    engine = _Engine(precision)
+    torch = engine.torch
+    n = len(queries)
+    rows = np.full(n, -1, dtype=np.int64)
+    first = np.full(n, -np.inf, dtype=np.float32)
+    second = np.full(n, -np.inf, dtype=np.float32)
+    if not n or not index.count:
+        return rows, first, second
+    ivf = index.ivf
+    nprobe = max(1, min(int(nprobe), ivf.nlist))
+    source = _QuerySource(engine, queries, np.arange(n), None)
+    probes = _probes(engine, source.range, n, ivf, nprobe)
+    flat_lists = probes.reshape(-1)
+    order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
+    bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
+    del probes, flat_lists
+    # the queries once in the engine's dtype; gathered as raw 16- or 32-bit words
+    cast = engine.cast(source.array).contiguous()
+    word = torch.int16 if engine.bf16 else torch.int32
+    words = cast.view(word).numpy()
+    blocks = _Blocks(engine, index.dim)
+    # per (query, probe position) slot: best score, its row, and the best other score
+    slot_first = np.full(n * nprobe, -np.inf, dtype=np.float32)
+    slot_second = np.full(n * nprobe, -np.inf, dtype=np.float32)
+    slot_rows = np.full(n * nprobe, -1, dtype=np.int64)
+    lists = _ListReader(ivf)
+    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
+        pairs = order[bounds[lst] : bounds[lst + 1]]  # query * nprobe + probe position
+        with lists.read(int(lst)) as (vectors, ids):
+            for bs in range(0, len(ids), BASE_TILE):
+                rows_b = min(BASE_TILE, len(ids) - bs)
+                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
+                tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
+                for qs in range(0, len(pairs), QUERY_TILE):
+                    at = pairs[qs : qs + QUERY_TILE]
+                    m = len(at)
+                    padded = -(-m // PAD_QUERIES) * PAD_QUERIES if engine.bf16 else m
+                    block = blocks._get("queries", padded, index.dim, engine.dtype)
+                    out = block.view(word).numpy()
+                    np.take(words, at // nprobe, axis=0, out=out[:m])
+                    out[m:] = 0
+                    scores = blocks.scores(block, m, base, rows_b).float().numpy()
+                    col = scores.argmax(axis=1)
+                    r = np.arange(m)
+                    best = scores[r, col]
+                    if rows_b > 1:
+                        scores[r, col] = -np.inf
+                        runner = scores.max(axis=1)
+                    else:
+                        runner = np.full(m, -np.inf, dtype=np.float32)
+                    if bs:  # a list longer than a tile: merge with its earlier tiles
+                        prev, prev_second = slot_first[at], slot_second[at]
+                        better = best > prev
+                        runner = np.maximum(runner, np.where(better, prev, prev_second))
+                        slot_rows[at[better]] = tile_ids[col[better]]
+                        slot_first[at] = np.maximum(best, prev)
+                        slot_second[at] = np.maximum(runner, np.where(better, -np.inf, best))
+                    else:
+                        slot_first[at], slot_second[at], slot_rows[at] = best, runner, tile_ids[col]
+    slot_first = slot_first.reshape(n, nprobe)
+    slot_second = slot_second.reshape(n, nprobe)
+    slot_rows = slot_rows.reshape(n, nprobe)
+    winner = slot_first.argmax(axis=1)
+    r = np.arange(n)
+    first = slot_first[r, winner]
+    rows = np.where(np.isfinite(first), slot_rows[r, winner], -1)
+    others = slot_first.copy()
+    others[r, winner] = -np.inf
+    second = np.maximum(others.max(axis=1), slot_second[r, winner])
+    return rows, first, second
