@@ -1029,6 +1029,14 @@ def probe_ranks(index: VectorIndex, queries: np.ndarray, precision: str = "fp32"
     return ranks
 
 
+def _pairs_by_list(engine, source, n: int, ivf, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (query, probed list) pairs grouped by list: ``order`` indexes the flattened n x nprobe
+    probes, and list ``j``'s pairs are ``order[bounds[j]:bounds[j + 1]]``."""
+    flat_lists = _probes(engine, source.range, n, ivf, nprobe).reshape(-1)
+    order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
+    return order, np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
+
+
 def search_knn(
     index: VectorIndex, queries: np.ndarray, k: int, nprobe: int, precision: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1051,11 +1059,7 @@ def search_knn(
     ivf = index.ivf
     nprobe = max(1, min(int(nprobe), ivf.nlist))
     source = _QuerySource(engine, queries, np.arange(n), None)
-    probes = _probes(engine, source.range, n, ivf, nprobe)
-    flat_lists = probes.reshape(-1)
-    order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
-    bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
-    del probes, flat_lists
+    order, bounds = _pairs_by_list(engine, source, n, ivf, nprobe)
     # each (query, probed list) pair has its own k slots: no merging while the lists are scanned,
     # one selection over the nprobe x k candidates of each query at the end
     found_rows = torch.full((n * nprobe, k), -1, dtype=torch.int64)
@@ -1112,11 +1116,7 @@ def search_top1(
     ivf = index.ivf
     nprobe = max(1, min(int(nprobe), ivf.nlist))
     source = _QuerySource(engine, queries, np.arange(n), None)
-    probes = _probes(engine, source.range, n, ivf, nprobe)
-    flat_lists = probes.reshape(-1)
-    order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
-    bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
-    del probes, flat_lists
+    order, bounds = _pairs_by_list(engine, source, n, ivf, nprobe)
     # the queries once in the engine's dtype; gathered as raw 16- or 32-bit words
     cast = engine.cast(source.array).contiguous()
     word = torch.int16 if engine.bf16 else torch.int32
