@@ -650,11 +650,25 @@ def _probes(
     for start in range(0, n, chunk):
         scores = engine.cast(read(start, min(n, start + chunk))) @ centroids.T
         if nprobe == 1:
-            top = scores.float().argmax(dim=1, keepdim=True)
+            out[start : start + len(scores), 0] = _argmax_rows(engine, scores)
         else:
             top = engine.torch.topk(scores, nprobe, dim=1, sorted=True).indices
-        out[start : start + len(top)] = top.numpy()
+            out[start : start + len(top)] = top.numpy()
     return out
+
+
+def _argmax_rows(engine: _Engine, scores: Any) -> np.ndarray:
+    """Column of each row's maximum score (the first of equals). bfloat16: over the int16 bit
+    patterns (single-threaded numpy, ~10x faster than a float conversion and torch's arg-max),
+    which order like the scores where the maximum is positive; other rows in float32."""
+    if not engine.bf16:
+        return scores.argmax(dim=1).numpy()
+    bits = scores.view(engine.torch.int16).numpy()
+    best = bits.argmax(axis=1)
+    negative = np.flatnonzero(bits[np.arange(len(bits)), best] < 0)
+    if len(negative):
+        best[negative] = scores[engine.torch.from_numpy(negative)].float().argmax(dim=1).numpy()
+    return best
 
 
 def _fill_lists(ivf: Any, vectors: np.ndarray, lists: np.ndarray, first: int) -> None:
@@ -1091,6 +1105,89 @@ def search_knn(
     best = torch.topk(found_scores, min(k, nprobe * k), dim=1)
     rows = torch.gather(found_rows.view(n, nprobe * k), 1, best.indices)
     return rows.numpy(), best.values.numpy()
+
+
+def search_above(
+    index: VectorIndex,
+    queries: np.ndarray,
+    low: float | np.ndarray,
+    cap: int,
+    nprobe: int,
+    precision: str = "auto",
+    probed: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probed rows of an IVF-Flat ``index`` whose screened score reaches each prepared query's
+    ``low`` (one for all, or one per query), at most the ``cap`` best per query: (rows int64
+    (n, cap), -1 past a query's candidates; their screened scores float32 (n, cap), -inf there,
+    best first; capped bool (n,): the query had more, and those left out screened at most its
+    last kept score).
+
+    :func:`search_knn`'s grouped products with a threshold instead of a top-k per tile: per
+    (query, list) tile one row maximum (a pass over the int16 bit patterns of the bfloat16
+    scores, positive thresholds) says which queries have anything to keep, and only those rows
+    are compared; no sort at all where nothing reaches ``low``. For a floor far above the typical
+    score (the similarity floor of retrieval) that is ~40x cheaper than a top-k of every tile.
+    ``probed``: the queries' (order, bounds) from :func:`_pairs_by_list`, when known.
+    """
+    engine = _Engine(precision)
+    torch = engine.torch
+    n = len(queries)
+    cap = max(1, int(cap))
+    out_rows = np.full((n, cap), -1, dtype=np.int64)
+    out_scores = np.full((n, cap), -np.inf, dtype=np.float32)
+    capped = np.zeros(n, dtype=bool)
+    if not n or not index.count:
+        return out_rows, out_scores, capped
+    low = np.broadcast_to(np.asarray(low, dtype=np.float32), (n,))
+    ivf = index.ivf
+    nprobe = max(1, min(int(nprobe), ivf.nlist))
+    source = _QuerySource(engine, queries, np.arange(n), None)
+    order, bounds = probed if probed is not None else _pairs_by_list(engine, source, n, ivf, nprobe)
+    cast = engine.cast(source.array).contiguous()
+    word = torch.int16 if engine.bf16 else torch.int32
+    words = cast.view(word).numpy()
+    # positive bfloat16 scores order like their int16 bit patterns (see _Engine.select); the
+    # threshold is the largest bfloat16 not above low
+    as_bits = engine.bf16 and bool(low.min() > 0)
+    limits = (low.astype(np.float32).view(np.int32) >> 16).astype(np.int16) if as_bits else low
+    candidates = _Candidates(n, index.count, cap)
+    blocks = _Blocks(engine, index.dim)
+    lists = _ListReader(ivf)
+    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
+        queries_of = order[bounds[lst] : bounds[lst + 1]] // nprobe
+        with lists.read(int(lst)) as (vectors, ids):
+            for bs in range(0, len(ids), BASE_TILE):
+                rows_b = min(BASE_TILE, len(ids) - bs)
+                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
+                tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
+                for qs in range(0, len(queries_of), QUERY_TILE):
+                    at = queries_of[qs : qs + QUERY_TILE]
+                    m = len(at)
+                    padded = -(-m // PAD_QUERIES) * PAD_QUERIES if engine.bf16 else m
+                    block = blocks._get("queries", padded, index.dim, engine.dtype)
+                    gathered = block.view(word).numpy()
+                    np.take(words, at, axis=0, out=gathered[:m])
+                    gathered[m:] = 0
+                    scores = blocks.scores(block, m, base, rows_b)
+                    values = scores.view(torch.int16).numpy() if as_bits else scores.float().numpy()
+                    limit = limits[at]
+                    hot = np.flatnonzero(values.max(axis=1) >= limit)
+                    if not len(hot):
+                        continue
+                    r, c = np.nonzero(values[hot] >= limit[hot, None])
+                    found = values[hot[r], c]
+                    if as_bits:
+                        found = (found.astype(np.int32) << 16).view(np.float32)
+                    candidates.add(at[hot[r]], tile_ids[c], found.astype(np.float32))
+    candidates.compact()
+    capped[:] = candidates.capped
+    q, rows, scores = candidates.arrays()
+    order = np.lexsort((rows, -scores, q))
+    q, rows, scores = q[order], rows[order], scores[order]
+    starts = np.searchsorted(q, np.arange(n))
+    slot = np.arange(len(q)) - starts[q]
+    out_rows[q, slot], out_scores[q, slot] = rows, scores
+    return out_rows, out_scores, capped
 
 
 def search_top1(
