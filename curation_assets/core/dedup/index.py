@@ -95,6 +95,8 @@ QUERY_TILE = 4096
 BASE_TILE = 4096
 PAD_QUERIES = 512
 PAD_BASE = 64
+# Largest bfloat16 copy of the queries the join keeps for its gathers (see _QuerySource.words).
+WORDS_MAX_BYTES = 512 << 20
 # Candidates held before pruning to max_neighbours per query (grows when that is not enough).
 COMPACT_AT = 1 << 24
 # Most (row, list) entries the IVF add keeps for the next search (256 MiB of int32).
@@ -600,11 +602,22 @@ class _Blocks:
         return out
 
     def gather(self, source: _QuerySource, index: np.ndarray) -> Any:
+        """Queries ``index`` of ``source`` as a product operand. bfloat16: gathered as 16-bit
+        words from the source's one bfloat16 copy, straight into the padded buffer (half the
+        bytes of a float32 gather, and no cast per tile)."""
         torch = self.engine.torch
-        out = self._get("gather", len(index), self.dim, torch.float32)
-        rows = index if source.positions is None else source.positions[index]
-        np.take(source.array.numpy(), np.asarray(rows, dtype=np.int64), axis=0, out=out.numpy())
-        return self.cast("queries", out, PAD_QUERIES)
+        rows = np.asarray(index if source.positions is None else source.positions[index], dtype=np.int64)
+        words = source.words() if self.engine.bf16 else None
+        if words is None:
+            out = self._get("gather", len(rows), self.dim, torch.float32)
+            np.take(source.array.numpy(), rows, axis=0, out=out.numpy())
+            return self.cast("queries", out, PAD_QUERIES)
+        m = len(rows)
+        out = self._get("queries", -(-m // PAD_QUERIES) * PAD_QUERIES, self.dim, torch.bfloat16)
+        gathered = out.view(torch.int16).numpy()
+        np.take(words, rows, axis=0, out=gathered[:m])
+        gathered[m:] = 0
+        return out
 
     def scores(self, block_q: Any, rows_q: int, base: Any, rows_b: int) -> Any:
         """Scores of the first ``rows_q`` queries against the first ``rows_b`` base vectors."""
@@ -638,17 +651,22 @@ def _centroids(ivf: Any) -> np.ndarray:
 
 
 def _probes(
-    engine: _Engine, read: Callable[[int, int], Any], n: int, ivf: Any, nprobe: int, chunk: int = 32768
+    engine: _Engine, read: Callable[[int, int], Any], n: int, ivf: Any, nprobe: int, chunk: int = 4096
 ) -> np.ndarray:
     """The ``nprobe`` lists of highest centroid score for ``n`` vectors (int32, best first).
 
     ``read(start, end)`` gives vectors ``start..end`` as a float32 tensor. These are the
-    lists the join searches, and (first column) the list a vector is stored in.
+    lists the join searches, and (first column) the list a vector is stored in. Scores go into
+    one reused buffer of ``chunk`` rows: a fresh (32768 x 2048) block per chunk spent more time
+    on its pages' first touch than on its product (1M rows: 25 s for the add).
     """
+    torch = engine.torch
     centroids = engine.cast(engine.tensor(_centroids(ivf)))
     out = np.empty((n, nprobe), dtype=np.int32)
+    buffer = torch.empty((min(chunk, n), len(centroids)), dtype=engine.dtype)
     for start in range(0, n, chunk):
-        scores = engine.cast(read(start, min(n, start + chunk))) @ centroids.T
+        rows = engine.cast(read(start, min(n, start + chunk)))
+        scores = torch.matmul(rows, centroids.T, out=buffer[: len(rows)])
         if nprobe == 1:
             out[start : start + len(scores), 0] = _argmax_rows(engine, scores)
         else:
@@ -767,6 +785,15 @@ class _QuerySource:
         else:
             self.array = engine.tensor(_rows(all_vectors, query_rows))
         self.torch = engine.torch
+        self._words: np.ndarray | None = None
+
+    def words(self) -> np.ndarray | None:
+        """The vectors in bfloat16, as int16 words (made once: half the float32 array's size),
+        or None above WORDS_MAX_BYTES: then tiles are gathered in float32 and cast, which keeps
+        a 1M-vector search within its memory budget (the copy would add 1 GB)."""
+        if self._words is None and self.array.shape[0] * self.array.shape[1] * 2 <= WORDS_MAX_BYTES:
+            self._words = self.array.to(self.torch.bfloat16).view(self.torch.int16).numpy()
+        return self._words
 
     def range(self, start: int, end: int) -> Any:
         """Vectors of queries ``start..end`` (float32)."""
@@ -1143,9 +1170,6 @@ def search_above(
     nprobe = max(1, min(int(nprobe), ivf.nlist))
     source = _QuerySource(engine, queries, np.arange(n), None)
     order, bounds = probed if probed is not None else _pairs_by_list(engine, source, n, ivf, nprobe)
-    cast = engine.cast(source.array).contiguous()
-    word = torch.int16 if engine.bf16 else torch.int32
-    words = cast.view(word).numpy()
     # positive bfloat16 scores order like their int16 bit patterns (see _Engine.select); the
     # threshold is the largest bfloat16 not above low
     as_bits = engine.bf16 and bool(low.min() > 0)
@@ -1162,13 +1186,7 @@ def search_above(
                 tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
                 for qs in range(0, len(queries_of), QUERY_TILE):
                     at = queries_of[qs : qs + QUERY_TILE]
-                    m = len(at)
-                    padded = -(-m // PAD_QUERIES) * PAD_QUERIES if engine.bf16 else m
-                    block = blocks._get("queries", padded, index.dim, engine.dtype)
-                    gathered = block.view(word).numpy()
-                    np.take(words, at, axis=0, out=gathered[:m])
-                    gathered[m:] = 0
-                    scores = blocks.scores(block, m, base, rows_b)
+                    scores = blocks.scores(blocks.gather(source, at), len(at), base, rows_b)
                     values = scores.view(torch.int16).numpy() if as_bits else scores.float().numpy()
                     limit = limits[at]
                     hot = np.flatnonzero(values.max(axis=1) >= limit)
@@ -1203,7 +1221,6 @@ def search_top1(
     queries are gathered in the engine's dtype (half the bytes of float32 in bfloat16).
     """
     engine = _Engine(precision)
-    torch = engine.torch
     n = len(queries)
     rows = np.full(n, -1, dtype=np.int64)
     first = np.full(n, -np.inf, dtype=np.float32)
@@ -1214,10 +1231,6 @@ def search_top1(
     nprobe = max(1, min(int(nprobe), ivf.nlist))
     source = _QuerySource(engine, queries, np.arange(n), None)
     order, bounds = _pairs_by_list(engine, source, n, ivf, nprobe)
-    # the queries once in the engine's dtype; gathered as raw 16- or 32-bit words
-    cast = engine.cast(source.array).contiguous()
-    word = torch.int16 if engine.bf16 else torch.int32
-    words = cast.view(word).numpy()
     blocks = _Blocks(engine, index.dim)
     # per (query, probe position) slot: best score, its row, and the best other score
     slot_first = np.full(n * nprobe, -np.inf, dtype=np.float32)
@@ -1234,12 +1247,9 @@ def search_top1(
                 for qs in range(0, len(pairs), QUERY_TILE):
                     at = pairs[qs : qs + QUERY_TILE]
                     m = len(at)
-                    padded = -(-m // PAD_QUERIES) * PAD_QUERIES if engine.bf16 else m
-                    block = blocks._get("queries", padded, index.dim, engine.dtype)
-                    out = block.view(word).numpy()
-                    np.take(words, at // nprobe, axis=0, out=out[:m])
-                    out[m:] = 0
-                    scores = blocks.scores(block, m, base, rows_b).float().numpy()
+                    scores = (
+                        blocks.scores(blocks.gather(source, at // nprobe), m, base, rows_b).float().numpy()
+                    )
                     col = scores.argmax(axis=1)
                     r = np.arange(m)
                     best = scores[r, col]
