@@ -694,9 +694,18 @@ def _fill_lists(ivf: Any, vectors: np.ndarray, lists: np.ndarray, first: int) ->
     order = np.argsort(lists, kind="stable")
     bounds = np.searchsorted(lists[order], np.arange(ivf.nlist + 1))
     invlists = ivf.invlists
-    for lst in np.flatnonzero(np.diff(bounds)):
+    sizes = np.diff(bounds)
+    # one buffer for every list's rows: a fresh array per list paid its pages' first touch each time
+    buffer = np.empty((int(sizes.max(initial=0)), ivf.d), dtype=np.float32)
+    contiguous = (
+        isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.shape[1:] == (ivf.d,)
+    )
+    for lst in np.flatnonzero(sizes):
         members = order[bounds[lst] : bounds[lst + 1]]
-        codes = _float32(vectors[members], ivf.d)
+        if contiguous:
+            codes = np.take(vectors, members, axis=0, out=buffer[: len(members)])
+        else:
+            codes = _float32(vectors[members], ivf.d)
         ids = (members + first).astype(np.int64)
         invlists.add_entries(
             int(lst), len(members), faiss.swig_ptr(ids), faiss.swig_ptr(codes.view(np.uint8))
