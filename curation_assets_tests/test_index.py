@@ -298,3 +298,60 @@ def test_ivf_lists_come_from_our_kmeans_seeded_and_zero_rows_left_out():
     lists = np.array([first.ivf.invlists.list_size(i) for i in range(32)])
     nearest = np.bincount((x[100:] @ centroids.T).argmax(axis=1), minlength=32)
     assert lists.sum() == 6000 and np.abs(lists - nearest).sum() <= 100 + 0.01 * 6000
+
+
+# ----------------------------------------------------------------------------- the join's kernels
+
+
+def test_search_above_returns_every_probed_row_over_each_querys_threshold_best_first():
+    """With every list probed, search_above is a brute-force range search per query (screened
+    scores within the screen's margin of the exact ones), capped to the best ``cap``."""
+    from curation_assets.core.dedup.index import screen_margin, search_above
+
+    x = clustered(4000, 64, 40, seed=3)
+    queries = clustered(300, 64, 0, seed=4)
+    index = VectorIndex.build("ivf", x, {"nlist": 16, "nprobe": 16}, seed=0)
+    exact = queries.astype(np.float64) @ x.T.astype(np.float64)
+    low = np.quantile(exact, 0.995, axis=1).astype(np.float32)  # ~20 rows per query
+    for precision in ("fp32", "bf16"):
+        margin = screen_margin(precision)
+        rows, scores, capped = search_above(index, queries, low, 1000, 16, precision=precision)
+        assert not capped.any()
+        for q in range(len(queries)):
+            got = rows[q][rows[q] >= 0]
+            assert np.all(np.diff(scores[q][: len(got)]) <= 0)  # best first
+            assert set(np.flatnonzero(exact[q] >= low[q] + margin)) <= set(got.tolist())
+            assert np.all(exact[q, got] >= low[q] - margin)
+            np.testing.assert_allclose(scores[q][: len(got)], exact[q, got], atol=margin)
+        # a cap keeps each query's best screened rows and says which queries had more
+        top, top_scores, cut = search_above(index, queries, low, 5, 16, precision=precision)
+        counts = (rows >= 0).sum(axis=1)
+        assert cut.tolist() == (counts > 5).tolist()
+        np.testing.assert_array_equal(top_scores, scores[:, :5])
+
+
+def test_the_float32_gather_above_the_word_budget_finds_the_same_pairs(monkeypatch):
+    """The join gathers bfloat16 query words up to WORDS_MAX_BYTES, float32 rows above: the same
+    pairs, exact distances either way."""
+    from curation_assets.core.dedup import index as index_module
+
+    x = clustered(20000, 64, 200, seed=11)
+    index = VectorIndex.build("ivf", x, {"nlist": 64, "nprobe": 16}, seed=0)
+    words = all_pairs(index, x, precision="bf16")
+    monkeypatch.setattr(index_module, "WORDS_MAX_BYTES", 0)
+    rows = all_pairs(index, x, precision="bf16")
+    assert words == rows and len(words) >= 200
+
+
+def test_stored_lists_are_each_rows_highest_centroid_even_where_every_score_is_negative():
+    """The add's list choice reads bfloat16 bit patterns as int16, which order like the scores
+    only where the best is positive: rows whose every centroid score is negative are decided in
+    float32 (their argmax is the least negative score, not the largest bit pattern)."""
+    from curation_assets.core.dedup.index import _argmax_rows, _Engine
+
+    engine = _Engine("bf16")
+    rng = np.random.default_rng(2)
+    scores = rng.uniform(-1.0, 1.0, (500, 40)).astype(np.float32)
+    scores[:200] = -np.abs(scores[:200])  # all negative
+    tensor = engine.cast(engine.tensor(scores))
+    np.testing.assert_array_equal(_argmax_rows(engine, tensor), tensor.float().numpy().argmax(axis=1))

@@ -25,7 +25,12 @@ callers search here instead:
   the margin; when that bound reaches both the k-th exact score and ``verify_score`` (the
   range the caller acts on), the query is searched again in float32. Far from that range (a
   pool image whose nearest evaluation image is an unrelated one) the order of near-equal
-  neighbours decides nothing and is not checked.
+  neighbours decides nothing and is not checked;
+- k > 1 with a floor (retrieval's similarity floor) searches by threshold instead of by top-k
+  (:meth:`IvfSearch._search_above`): a query's k best in its first few lists set how low a row
+  must score to matter, each tile keeps only the rows above (one row maximum per tile, usually
+  nothing to keep), in float32 so that re-scoring stays near k rows per query. 1M x 50k, k = 4,
+  nprobe 204 of 2048 (semantic vectors are not centred, so cells are coarse): 197 s -> 115 s.
 
 Memory: the index (base x dim float32), one query chunk and its candidates; never a queries x
 base matrix. Recall is measured on neighbours at score >= ``min_score`` (the ones the caller
