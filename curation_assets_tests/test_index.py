@@ -328,6 +328,7 @@ def test_search_above_returns_every_probed_row_over_each_querys_threshold_best_f
         counts = (rows >= 0).sum(axis=1)
         assert cut.tolist() == (counts > 5).tolist()
         np.testing.assert_array_equal(top_scores, scores[:, :5])
+        assert all(set(top[q][top[q] >= 0].tolist()) <= set(rows[q].tolist()) for q in range(len(queries)))
 
 
 def test_the_float32_gather_above_the_word_budget_finds_the_same_pairs(monkeypatch):
