@@ -70,9 +70,12 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -832,13 +835,19 @@ def _join(
 
     blocks = _Blocks(engine, vindex.dim)
 
-    def emit(qidx: np.ndarray, block_q: Any, base: Any, base_rows: np.ndarray) -> None:
+    def scan(blocks: _Blocks, qidx: np.ndarray, block_q: Any, base: Any, base_rows: np.ndarray) -> tuple:
+        """(query, row, score) over ``low`` of one tile, and the queries cut at ``cap``."""
         r, c, s, cut = engine.select(blocks.scores(block_q, len(qidx), base, len(base_rows)), low, cap)
-        if len(cut):
-            candidates.capped[qidx[cut]] = True
         q, rows_b = qidx[r], base_rows[c]
         keep = query_rows[q] != rows_b
-        candidates.add(q[keep], rows_b[keep], s[keep])
+        return q[keep], rows_b[keep], s[keep], qidx[cut]
+
+    def accept(q: np.ndarray, rows_b: np.ndarray, s: np.ndarray, cut: np.ndarray) -> None:
+        candidates.capped[cut] = True
+        candidates.add(q, rows_b, s)
+
+    def emit(qidx: np.ndarray, block_q: Any, base: Any, base_rows: np.ndarray) -> None:
+        accept(*scan(blocks, qidx, block_q, base, base_rows))
 
     if vindex.kind == "flat":
         xb = engine.tensor(_flat_vectors(vindex.index))
@@ -868,21 +877,43 @@ def _join(
     by_list = order // nprobe
     del probes, flat_lists, order
     lists = _ListReader(ivf)
-    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
+    if engine.bf16:
+        source.words()  # made once, before the threads read it
+    local = threading.local()  # product buffers per thread
+
+    def scan_list(lst: int) -> list[tuple]:
+        mine = getattr(local, "blocks", None)
+        if mine is None:
+            mine = local.blocks = _Blocks(engine, vindex.dim)
+        found = []
         members = by_list[bounds[lst] : bounds[lst + 1]]
-        with lists.read(int(lst)) as (vectors, ids):
+        with lists.read(lst) as (vectors, ids):
             tiles = range(0, len(ids), BASE_TILE)
-            single = None if len(tiles) > 1 else blocks.cast("base", engine.tensor(vectors), PAD_BASE)
+            single = None if len(tiles) > 1 else mine.cast("base", engine.tensor(vectors), PAD_BASE)
             for qs in range(0, len(members), QUERY_TILE):
                 qidx = members[qs : qs + QUERY_TILE]
-                block_q = blocks.gather(source, qidx)
+                block_q = mine.gather(source, qidx)
                 for bs in tiles:
                     base = (
                         single
                         if single is not None
-                        else blocks.cast("base", engine.tensor(vectors[bs : bs + BASE_TILE]), PAD_BASE)
+                        else mine.cast("base", engine.tensor(vectors[bs : bs + BASE_TILE]), PAD_BASE)
                     )
-                    emit(qidx, block_q, base, ids[bs : bs + BASE_TILE])
+                    found.append(scan(mine, qidx, block_q, base, ids[bs : bs + BASE_TILE]))
+        return found
+
+    # Two lists in flight on two threads: one list's gather and selection (numpy, one core) run
+    # while the other's product does. Candidates are taken in list order, as without threads.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="join") as pool:
+        pending: deque[Future] = deque()
+        for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
+            pending.append(pool.submit(scan_list, int(lst)))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                for found in pending.popleft().result():
+                    accept(*found)
+        while pending:
+            for found in pending.popleft().result():
+                accept(*found)
     return candidates
 
 
