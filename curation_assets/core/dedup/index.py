@@ -1118,6 +1118,39 @@ def _pairs_by_list(engine, source, n: int, ivf, nprobe: int) -> tuple[np.ndarray
     return order, np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
 
 
+def _probed_tiles(
+    engine: _Engine,
+    index: VectorIndex,
+    source: _QuerySource,
+    order: np.ndarray,
+    bounds: np.ndarray,
+    nprobe: int,
+) -> Iterator[tuple[np.ndarray, int, np.ndarray, Any]]:
+    """The grouped products of the outside-query searches (:func:`search_knn`, :func:`search_top1`,
+    :func:`search_above`): for each probed list, each base tile of at most BASE_TILE rows and each
+    run of at most QUERY_TILE of the (query, list) pairs from :func:`_pairs_by_list`: (the pairs,
+    query * nprobe + probe position; the tile's first row in its list; its row ids, int64; the
+    scores, pairs x tile rows in the engine's dtype). Ids and scores are views, valid until the
+    next tile."""
+    blocks = _Blocks(engine, index.dim)
+    lists = _ListReader(index.ivf)
+    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
+        pairs = order[bounds[lst] : bounds[lst + 1]]
+        with lists.read(int(lst)) as (vectors, ids):
+            for bs in range(0, len(ids), BASE_TILE):
+                rows_b = min(BASE_TILE, len(ids) - bs)
+                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
+                tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
+                for qs in range(0, len(pairs), QUERY_TILE):
+                    at = pairs[qs : qs + QUERY_TILE]
+                    yield (
+                        at,
+                        bs,
+                        tile_ids,
+                        blocks.scores(blocks.gather(source, at // nprobe), len(at), base, rows_b),
+                    )
+
+
 def search_knn(
     index: VectorIndex, queries: np.ndarray, k: int, nprobe: int, precision: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1145,29 +1178,18 @@ def search_knn(
     # one selection over the nprobe x k candidates of each query at the end
     found_rows = torch.full((n * nprobe, k), -1, dtype=torch.int64)
     found_scores = torch.full((n * nprobe, k), -math.inf, dtype=torch.float32)
-    blocks = _Blocks(engine, index.dim)
-    lists = _ListReader(ivf)
-    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
-        pairs = order[bounds[lst] : bounds[lst + 1]]  # query * nprobe + probe position
-        with lists.read(int(lst)) as (vectors, ids):
-            ids_t = torch.from_numpy(ids.copy())
-            for bs in range(0, len(ids), BASE_TILE):
-                rows_b = min(BASE_TILE, len(ids) - bs)
-                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
-                take = min(k, rows_b)
-                for qs in range(0, len(pairs), QUERY_TILE):
-                    at = pairs[qs : qs + QUERY_TILE]
-                    scores = blocks.scores(blocks.gather(source, at // nprobe), len(at), base, rows_b)
-                    top = torch.topk(scores, take, dim=1)
-                    slots = torch.from_numpy(at)
-                    values, rows = top.values.float(), ids_t[bs + top.indices]
-                    if bs:  # a list longer than a tile (a big cluster): merge with its earlier tiles
-                        values = torch.cat([found_scores[slots], values], dim=1)
-                        rows = torch.cat([found_rows[slots], rows], dim=1)
-                        keep = torch.topk(values, k, dim=1)
-                        values, rows, take = keep.values, torch.gather(rows, 1, keep.indices), k
-                    found_scores[slots, :take] = values
-                    found_rows[slots, :take] = rows
+    for at, bs, tile_ids, scores in _probed_tiles(engine, index, source, order, bounds, nprobe):
+        take = min(k, scores.shape[1])
+        top = torch.topk(scores, take, dim=1)
+        slots = torch.from_numpy(at)
+        values, rows = top.values.float(), torch.from_numpy(tile_ids)[top.indices]
+        if bs:  # a list longer than a tile (a big cluster): merge with its earlier tiles
+            values = torch.cat([found_scores[slots], values], dim=1)
+            rows = torch.cat([found_rows[slots], rows], dim=1)
+            keep = torch.topk(values, k, dim=1)
+            values, rows, take = keep.values, torch.gather(rows, 1, keep.indices), k
+        found_scores[slots, :take] = values
+        found_rows[slots, :take] = rows
     found_scores = found_scores.view(n, nprobe * k)
     best = torch.topk(found_scores, min(k, nprobe * k), dim=1)
     rows = torch.gather(found_rows.view(n, nprobe * k), 1, best.indices)
@@ -1215,28 +1237,18 @@ def search_above(
     as_bits = engine.bf16 and bool(low.min() > 0)
     limits = (low.astype(np.float32).view(np.int32) >> 16).astype(np.int16) if as_bits else low
     candidates = _Candidates(n, index.count, cap)
-    blocks = _Blocks(engine, index.dim)
-    lists = _ListReader(ivf)
-    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
-        queries_of = order[bounds[lst] : bounds[lst + 1]] // nprobe
-        with lists.read(int(lst)) as (vectors, ids):
-            for bs in range(0, len(ids), BASE_TILE):
-                rows_b = min(BASE_TILE, len(ids) - bs)
-                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
-                tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
-                for qs in range(0, len(queries_of), QUERY_TILE):
-                    at = queries_of[qs : qs + QUERY_TILE]
-                    scores = blocks.scores(blocks.gather(source, at), len(at), base, rows_b)
-                    values = scores.view(torch.int16).numpy() if as_bits else scores.float().numpy()
-                    limit = limits[at]
-                    hot = np.flatnonzero(values.max(axis=1) >= limit)
-                    if not len(hot):
-                        continue
-                    r, c = np.nonzero(values[hot] >= limit[hot, None])
-                    found = values[hot[r], c]
-                    if as_bits:
-                        found = (found.astype(np.int32) << 16).view(np.float32)
-                    candidates.add(at[hot[r]], tile_ids[c], found.astype(np.float32))
+    for pairs, _, tile_ids, scores in _probed_tiles(engine, index, source, order, bounds, nprobe):
+        at = pairs // nprobe
+        values = scores.view(torch.int16).numpy() if as_bits else scores.float().numpy()
+        limit = limits[at]
+        hot = np.flatnonzero(values.max(axis=1) >= limit)
+        if not len(hot):
+            continue
+        r, c = np.nonzero(values[hot] >= limit[hot, None])
+        found = values[hot[r], c]
+        if as_bits:
+            found = (found.astype(np.int32) << 16).view(np.float32)
+        candidates.add(at[hot[r]], tile_ids[c], found.astype(np.float32))
     candidates.compact()
     capped[:] = candidates.capped
     q, rows, scores = candidates.arrays()
@@ -1271,42 +1283,30 @@ def search_top1(
     nprobe = max(1, min(int(nprobe), ivf.nlist))
     source = _QuerySource(engine, queries, np.arange(n), None)
     order, bounds = _pairs_by_list(engine, source, n, ivf, nprobe)
-    blocks = _Blocks(engine, index.dim)
     # per (query, probe position) slot: best score, its row, and the best other score
     slot_first = np.full(n * nprobe, -np.inf, dtype=np.float32)
     slot_second = np.full(n * nprobe, -np.inf, dtype=np.float32)
     slot_rows = np.full(n * nprobe, -1, dtype=np.int64)
-    lists = _ListReader(ivf)
-    for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
-        pairs = order[bounds[lst] : bounds[lst + 1]]  # query * nprobe + probe position
-        with lists.read(int(lst)) as (vectors, ids):
-            for bs in range(0, len(ids), BASE_TILE):
-                rows_b = min(BASE_TILE, len(ids) - bs)
-                base = blocks.cast("base", engine.tensor(vectors[bs : bs + rows_b]), PAD_BASE)
-                tile_ids = np.asarray(ids[bs : bs + rows_b], dtype=np.int64)
-                for qs in range(0, len(pairs), QUERY_TILE):
-                    at = pairs[qs : qs + QUERY_TILE]
-                    m = len(at)
-                    scores = (
-                        blocks.scores(blocks.gather(source, at // nprobe), m, base, rows_b).float().numpy()
-                    )
-                    col = scores.argmax(axis=1)
-                    r = np.arange(m)
-                    best = scores[r, col]
-                    if rows_b > 1:
-                        scores[r, col] = -np.inf
-                        runner = scores.max(axis=1)
-                    else:
-                        runner = np.full(m, -np.inf, dtype=np.float32)
-                    if bs:  # a list longer than a tile: merge with its earlier tiles
-                        prev, prev_second = slot_first[at], slot_second[at]
-                        better = best > prev
-                        runner = np.maximum(runner, np.where(better, prev, prev_second))
-                        slot_rows[at[better]] = tile_ids[col[better]]
-                        slot_first[at] = np.maximum(best, prev)
-                        slot_second[at] = np.maximum(runner, np.where(better, -np.inf, best))
-                    else:
-                        slot_first[at], slot_second[at], slot_rows[at] = best, runner, tile_ids[col]
+    for at, bs, tile_ids, tile_scores in _probed_tiles(engine, index, source, order, bounds, nprobe):
+        scores = tile_scores.float().numpy()
+        m = len(at)
+        col = scores.argmax(axis=1)
+        r = np.arange(m)
+        best = scores[r, col]
+        if scores.shape[1] > 1:
+            scores[r, col] = -np.inf
+            runner = scores.max(axis=1)
+        else:
+            runner = np.full(m, -np.inf, dtype=np.float32)
+        if bs:  # a list longer than a tile: merge with its earlier tiles
+            prev, prev_second = slot_first[at], slot_second[at]
+            better = best > prev
+            runner = np.maximum(runner, np.where(better, prev, prev_second))
+            slot_rows[at[better]] = tile_ids[col[better]]
+            slot_first[at] = np.maximum(best, prev)
+            slot_second[at] = np.maximum(runner, np.where(better, -np.inf, best))
+        else:
+            slot_first[at], slot_second[at], slot_rows[at] = best, runner, tile_ids[col]
     slot_first = slot_first.reshape(n, nprobe)
     slot_second = slot_second.reshape(n, nprobe)
     slot_rows = slot_rows.reshape(n, nprobe)
