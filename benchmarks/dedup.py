@@ -167,7 +167,7 @@ def pipeline(path: Path, threshold: float, kind: str, params: dict, seed: int, p
     import torch
 
     from curation_assets.core.dedup.index import VectorIndex, choose_kind, dataset_mean, find_pairs, prepare
-    from curation_assets.core.select.kmeans import _bf16_is_faster as kmeans_bf16_is_faster
+    from curation_assets.core.products import bf16_is_faster
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -205,7 +205,7 @@ def pipeline(path: Path, threshold: float, kind: str, params: dict, seed: int, p
         "versions": {"faiss": faiss.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "threads": {"faiss_omp": faiss.omp_get_max_threads(), "torch": torch.get_num_threads()},
         # IVF lists trained by our k-means; its assignment screened in bfloat16 where that is faster
-        "kmeans_bf16_screen": bool(kmeans_bf16_is_faster()),
+        "bf16_products": bool(bf16_is_faster()),
         "grouping": grouping,
         "phases": {k: round(v, 2) for k, v in phases.items()},
         "total_s": round(total, 2),

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vs-vdc", action="store_true", help="run VDC's CLI on the same vectors too")
     args = parser.parse_args(argv)
 
-    from curation_assets.core.select import kmeans as kmeans_module
+    from curation_assets.core.products import bf16_is_faster
     from curation_assets.core.select.kmeans import Level, hierarchical_kmeans
     from curation_assets.core.select.sampling import gini
 
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # the cosine assignment and k-means++ screened in bfloat16, winners proven in float32
-        "bf16_screen": bool(kmeans_module._bf16_is_faster()) if args.device == "cpu" else False,
+        "bf16_screen": bool(bf16_is_faster()) if args.device == "cpu" else False,
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
         "total_s": round(total, 2),
         # the CPU is shared: process CPU time and the load average show how much of it this run had

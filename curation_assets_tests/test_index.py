@@ -192,7 +192,8 @@ def _shards(seed: int) -> tuple[np.ndarray, int, int]:
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_adding_a_shard_and_searching_its_rows_completes_the_pairs(kind):
     x, old, total = _shards(6)
-    params = {"nlist": 16, "nprobe": 16} if kind == "ivf" else None  # every list: exact
+    # every list (no probe window): exact
+    params = {"nlist": 16, "nprobe": 16, "probe_window": 0} if kind == "ivf" else None
     index = VectorIndex.build(kind, x[:old], params, seed=0)
     before = all_pairs(index, x[:old])
     index.add(x[old:])
@@ -344,15 +345,18 @@ def test_the_float32_gather_above_the_word_budget_finds_the_same_pairs(monkeypat
     assert words == rows and len(words) >= 200
 
 
-def test_stored_lists_are_each_rows_highest_centroid_even_where_every_score_is_negative():
-    """The add's list choice reads bfloat16 bit patterns as int16, which order like the scores
-    only where the best is positive: rows whose every centroid score is negative are decided in
-    float32 (their argmax is the least negative score, not the largest bit pattern)."""
-    from curation_assets.core.dedup.index import _argmax_rows, _Engine
-
-    engine = _Engine("bf16")
-    rng = np.random.default_rng(2)
-    scores = rng.uniform(-1.0, 1.0, (500, 40)).astype(np.float32)
-    scores[:200] = -np.abs(scores[:200])  # all negative
-    tensor = engine.cast(engine.tensor(scores))
-    np.testing.assert_array_equal(_argmax_rows(engine, tensor), tensor.float().numpy().argmax(axis=1))
+def test_the_probe_window_searches_fewer_lists_and_keeps_the_pairs():
+    """Each query searches only those of its nprobe lists whose centroid score is within the
+    window of its best: fewer lists, nearly every pair (a pair is found from either side)."""
+    x = clustered(20_000, 128, 300, seed=6)
+    pairs, probed = {}, {}
+    for window in (0.2, 0):
+        index = VectorIndex.build("ivf", x, {"nlist": 128, "nprobe": 16, "probe_window": window}, seed=0)
+        stats: dict = {}
+        rows = np.arange(index.count)
+        pairs[window] = as_dict(*find_pairs(index, x, rows, THRESHOLD, x, stats=stats))
+        probed[window] = stats["lists_per_query"]
+    assert probed[0] == 16  # no window: every one of the nprobe lists
+    assert probed[0.2] < 0.7 * 16
+    assert pairs[0.2].keys() <= pairs[0].keys()
+    assert len(pairs[0.2]) >= 0.99 * len(pairs[0]) and len(pairs[0]) >= 300

@@ -10,9 +10,11 @@ Index kinds (:class:`VectorIndex`):
 - ``flat``: exact, ``IndexFlatIP``; moved to a GPU with faiss's GPU API when asked and one
   is available.
 - ``ivf``: ``IndexIVFFlat`` (or ``IndexIVFPQ`` when ``pq_m`` is set): spherical k-means
-  lists trained on a seeded sample, ``nprobe`` lists searched per query. The lists'
-  centroids come from our k-means (:func:`_train_lists`: faiss's algorithm, ~4x faster
-  here) and are handed to faiss's quantizer; faiss trains the PQ codebooks, if any.
+  lists trained on a seeded sample; a query searches those of its ``nprobe`` nearest lists
+  whose centroid score is within the probe window of its best (see :func:`default_nprobe`).
+  The lists' centroids come from our own training (:func:`quantizer.train_centroids`:
+  faiss's algorithm with bfloat16 products, ~20x faster than faiss's here) and are handed
+  to faiss's quantizer; faiss trains the PQ codebooks, if any.
 - ``hnsw``: ``IndexHNSWFlat`` with inner product (graph search, CPU only).
 - ``lsh``: random-hyperplane bits as in VDC, for parity (CPU only, exhaustive Hamming
   search). VDC hashes 4 tables x 18 bits and pairs vectors that share a bucket in any
@@ -66,21 +68,21 @@ no retraining) and call :func:`find_pairs` with ``query_rows`` = the new rows: e
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from curation_assets.core.dedup.quantizer import padded, top_lists, train_centroids
+from curation_assets.core.products import bf16_is_faster, in_order, torch_workers
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,9 @@ PROBE_CACHE_MAX = 1 << 26
 # float32 (d * 2^-24 for d = 512: 3e-5) and faiss's own scores (GPU: maybe TF32) likewise.
 BF16_MARGIN = 1 / 64
 FP32_MARGIN = 1e-4
+# The IVF self-join's probe window, as a share of the longest chord of a pair in range (see
+# default_nprobe).
+PROBE_WINDOW = 0.2
 KNN_MARGIN = 1e-3
 GPU_MARGIN = 1e-2
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
@@ -197,6 +202,16 @@ def default_nprobe(nlist: int) -> int:
     benchmarks/dedup.py (clustered data, copies moved along the data's own directions, a
     pair found from either side): nprobe 8 reached recall 0.986 at 65k / 512 lists and
     0.998 at 200k / 1024; 16 reached 0.997, 1.000 and, at 1M / 2048 lists, 0.996.
+
+    The self-join then narrows each query's nprobe lists to a window (``probe_window``,
+    PROBE_WINDOW by default): the lists whose centroid score is within ``probe_window *
+    sqrt(2 * max_distance)`` of the query's best. Why this scale: for a pair (a, b) at
+    cosine distance t, b stored in list B, the amount by which B's score falls below a's best
+    list A is at most (a - b).(c_A - c_B), and |a - b| = sqrt(2t). A query deep inside its
+    cell then searches one or two lists, one near a border searches up to nprobe. On the
+    same benchmark (threshold 0.1, window 0.089), relative to all 16 lists: at 200k the
+    join scores 0.41 of the (query, row) pairs for 0.9995 of the pairs, at 1M 0.62 of them
+    for 0.9998. ``probe_window: 0`` searches every one of the nprobe lists.
     """
     return min(nlist, max(16, nlist // 128))
 
@@ -209,7 +224,15 @@ def default_train_size(nlist: int, n: int, pq_bits: int | None = None) -> int:
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "ivf": {"nlist": None, "nprobe": None, "train_size": None, "niter": 10, "pq_m": None, "pq_bits": 8},
+    "ivf": {
+        "nlist": None,
+        "nprobe": None,
+        "probe_window": PROBE_WINDOW,
+        "train_size": None,
+        "niter": 10,
+        "pq_m": None,
+        "pq_bits": 8,
+    },
     "hnsw": {"M": 32, "ef_search": 128, "ef_construction": 80},
     "lsh": {"tables": 4, "bits": 18},
 }
@@ -301,7 +324,8 @@ class VectorIndex:
         self.timings: dict[str, float] = {}
         self._gpu_index: Any = None
         self._gpu_resources: Any = None
-        self._probe_cache: tuple[int, np.ndarray] | None = None  # (first row, nprobe lists per row)
+        # (first row, nprobe lists per row, their gaps below the best): see _probes
+        self._probe_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         return f"VectorIndex({self.kind!r}, count={self.count}, dim={self.dim}, params={self.params})"
@@ -369,7 +393,9 @@ class VectorIndex:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=min(n, resolved["train_size"]), replace=False))
             training = _float32(vectors[sample], dim)
-            centroids = _train_lists(training, int(resolved["nlist"]), int(resolved["niter"]), int(seed))
+            centroids = train_centroids(
+                training, int(resolved["nlist"]), int(resolved["niter"]), int(seed), bf16_is_faster()
+            )
             if centroids is not None:
                 # a quantizer that holds nlist centroids already is not retrained by faiss:
                 # index.train then learns only what the storage needs (PQ codebooks)
@@ -402,7 +428,7 @@ class VectorIndex:
             probes = _probes(
                 engine, lambda s, e: engine.tensor(vectors[s:e], self.dim), len(vectors), ivf, nprobe
             )
-            lists = probes[:, 0].astype(np.int64)
+            lists = probes[0][:, 0].astype(np.int64)
             if self.params.get("pq_m"):
                 for start in range(0, len(vectors), chunk):
                     block = _float32(vectors[start : start + chunk], self.dim)
@@ -415,22 +441,27 @@ class VectorIndex:
             if (
                 cache is not None
                 and cache[0] + len(cache[1]) == first
-                and cache[1].size + probes.size <= PROBE_CACHE_MAX
+                and cache[1].size + probes[0].size <= PROBE_CACHE_MAX
             ):
-                self._probe_cache = (cache[0], np.concatenate([cache[1], probes]))
+                self._probe_cache = (
+                    cache[0],
+                    np.concatenate([cache[1], probes[0]]),
+                    np.concatenate([cache[2], probes[1]]),
+                )
             else:
-                self._probe_cache = (first, probes) if probes.size <= PROBE_CACHE_MAX else None
+                self._probe_cache = (first, *probes) if probes[0].size <= PROBE_CACHE_MAX else None
         self._gpu_index = None  # cloned again at the next search
         self.timings["add_s"] = self.timings.get("add_s", 0.0) + time.perf_counter() - started
 
-    def cached_probes(self, rows: np.ndarray, nprobe: int) -> np.ndarray | None:
-        """The lists of ``rows`` kept by :meth:`add`, when all of them are known."""
+    def cached_probes(self, rows: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The lists of ``rows`` and their gaps (see :func:`_probes`) kept by :meth:`add`, when
+        all of them are known."""
         if self._probe_cache is None or not len(rows):
             return None
-        start, probes = self._probe_cache
-        if probes.shape[1] != nprobe or rows.min() < start or rows.max() >= start + len(probes):
+        start, lists, gaps = self._probe_cache
+        if lists.shape[1] != nprobe or rows.min() < start or rows.max() >= start + len(lists):
             return None
-        return probes[rows - start]
+        return lists[rows - start], gaps[rows - start]
 
     def gpu_index(self) -> Any:
         """The GPU copy used for searching (cloned lazily), or None on the CPU."""
@@ -486,26 +517,6 @@ class VectorIndex:
 # ----------------------------------------------------------------------------- the join engine
 
 
-@functools.cache
-def _bf16_is_faster() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 (measured once)."""
-    import torch
-
-    a32, b32 = torch.randn(2048, 512), torch.randn(1024, 512)
-    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
-
-    def best(a: Any, b: Any) -> float:
-        a @ b.T
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            a @ b.T
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    return best(a16, b16) * 1.3 < best(a32, b32)
-
-
 class _Engine:
     """Matrix products for the join and the IVF assignment (torch on the CPU).
 
@@ -519,7 +530,7 @@ class _Engine:
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
         self.torch = torch
-        self.bf16 = precision == "bf16" or (precision == "auto" and _bf16_is_faster())
+        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_is_faster())
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.margin = BF16_MARGIN if self.bf16 else FP32_MARGIN
 
@@ -617,8 +628,8 @@ class _Blocks:
             return self.cast("queries", out, PAD_QUERIES)
         m = len(rows)
         out = self._get("queries", -(-m // PAD_QUERIES) * PAD_QUERIES, self.dim, torch.bfloat16)
-        gathered = out.view(torch.int16).numpy()
-        np.take(words, rows, axis=0, out=gathered[:m])
+        gathered = out.view(torch.int16)
+        torch.index_select(words, 0, torch.from_numpy(rows), out=gathered[:m])
         gathered[m:] = 0
         return out
 
@@ -628,26 +639,6 @@ class _Blocks:
         return self.engine.torch.matmul(block_q, base.T, out=out)[:rows_q, :rows_b]
 
 
-def _train_lists(training: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray | None:
-    """Centroids of the inverted lists: spherical k-means of the (prepared) training vectors.
-
-    Our k-means (:func:`curation_assets.core.select.kmeans.kmeans`) instead of faiss's: the
-    same algorithm as faiss's training (``niter`` updates from ``nlist`` random training
-    vectors, normalised means), with the assignment as blocked matrix products. Measured
-    on 40,960 x 512 vectors and 1024 lists on 2 cores: faiss's ran at ~40 GFLOP/s (11 s of
-    a 16 s run at 200k), the products at the machine's sgemm rate. Rows left zero by
-    :func:`prepare` have no direction and are left out; None (faiss trains as before, and
-    says what is wrong) when fewer rows than lists remain.
-    """
-    from curation_assets.core.select.kmeans import kmeans
-
-    usable = training[np.einsum("ij,ij->i", training, training) > 0]
-    if len(usable) < max(nlist, 1):
-        return None
-    result = kmeans(usable, nlist, metric="cosine", max_iters=niter + 1, tol=0.0, seed=seed, init="random")
-    return np.ascontiguousarray(result.centroids, dtype=np.float32)
-
-
 def _centroids(ivf: Any) -> np.ndarray:
     quantizer = faiss.downcast_index(ivf.quantizer)
     return quantizer.reconstruct_n(0, ivf.nlist)
@@ -655,41 +646,36 @@ def _centroids(ivf: Any) -> np.ndarray:
 
 def _probes(
     engine: _Engine, read: Callable[[int, int], Any], n: int, ivf: Any, nprobe: int, chunk: int = 4096
-) -> np.ndarray:
-    """The ``nprobe`` lists of highest centroid score for ``n`` vectors (int32, best first).
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``nprobe`` lists of highest centroid score for ``n`` vectors (int32, best first),
+    and how far each list's score falls below the best (float16).
 
     ``read(start, end)`` gives vectors ``start..end`` as a float32 tensor. These are the
-    lists the join searches, and (first column) the list a vector is stored in. Scores go into
-    one reused buffer of ``chunk`` rows: a fresh (32768 x 2048) block per chunk spent more time
-    on its pages' first touch than on its product (1M rows: 25 s for the add).
+    lists the join searches, and (first column) the list a vector is stored in. Blocks of
+    ``chunk`` rows run on the worker threads (:func:`torch_workers`), each with its own
+    reused score and key buffers: a fresh (32768 x 2048) block per chunk spent more time on
+    its pages' first touch than on its product (1M rows: 25 s for the add).
     """
     torch = engine.torch
-    centroids = engine.cast(engine.tensor(_centroids(ivf)))
-    out = np.empty((n, nprobe), dtype=np.int32)
-    buffer = torch.empty((min(chunk, n), len(centroids)), dtype=engine.dtype)
-    for start in range(0, n, chunk):
+    nlist = ivf.nlist
+    centroids = padded(_centroids(ivf), engine.dtype)
+    lists = np.empty((n, nprobe), dtype=np.int32)
+    gaps = np.empty((n, nprobe), dtype=np.float16)
+    local = threading.local()
+
+    def block(start: int) -> None:
         rows = engine.cast(read(start, min(n, start + chunk)))
-        scores = torch.matmul(rows, centroids.T, out=buffer[: len(rows)])
-        if nprobe == 1:
-            out[start : start + len(scores), 0] = _argmax_rows(engine, scores)
-        else:
-            top = engine.torch.topk(scores, nprobe, dim=1, sorted=True).indices
-            out[start : start + len(top)] = top.numpy()
-    return out
+        if getattr(local, "scores", None) is None:
+            local.scores = torch.empty((min(chunk, n), len(centroids)), dtype=engine.dtype)
+            local.keys = np.empty((min(chunk, n), nlist), dtype=np.int32)
+        scores = torch.matmul(rows, centroids.T, out=local.scores[: len(rows)])[:, :nlist]
+        end = start + len(rows)
+        lists[start:end], gaps[start:end] = top_lists(scores, nprobe, local.keys)
 
-
-def _argmax_rows(engine: _Engine, scores: Any) -> np.ndarray:
-    """Column of each row's maximum score (the first of equals). bfloat16: over the int16 bit
-    patterns (single-threaded numpy, ~10x faster than a float conversion and torch's arg-max),
-    which order like the scores where the maximum is positive; other rows in float32."""
-    if not engine.bf16:
-        return scores.argmax(dim=1).numpy()
-    bits = scores.view(engine.torch.int16).numpy()
-    best = bits.argmax(axis=1)
-    negative = np.flatnonzero(bits[np.arange(len(bits)), best] < 0)
-    if len(negative):
-        best[negative] = scores[engine.torch.from_numpy(negative)].float().argmax(dim=1).numpy()
-    return best
+    with torch_workers() as pool:
+        for _ in in_order(pool, block, range(0, n, chunk)):
+            pass
+    return lists, gaps
 
 
 def _fill_lists(ivf: Any, vectors: np.ndarray, lists: np.ndarray, first: int) -> None:
@@ -804,7 +790,7 @@ class _QuerySource:
         or None above WORDS_MAX_BYTES: then tiles are gathered in float32 and cast, which keeps
         a 1M-vector search within its memory budget (the copy would add 1 GB)."""
         if self._words is None and self.array.shape[0] * self.array.shape[1] * 2 <= WORDS_MAX_BYTES:
-            self._words = self.array.to(self.torch.bfloat16).view(self.torch.int16).numpy()
+            self._words = self.array.to(self.torch.bfloat16).view(self.torch.int16)
         return self._words
 
     def range(self, start: int, end: int) -> Any:
@@ -828,6 +814,7 @@ def _join(
     """Candidates of the blocked join (flat, IVF-Flat): scores >= ``low`` minus the margin."""
     engine = _Engine(precision)
     stats["precision"] = "bf16" if engine.bf16 else "fp32"
+    reach = math.sqrt(2.0 * max(0.0, 1.0 - low))  # the longest chord of a pair in range
     low = low - engine.margin
     n_queries, ntotal = len(query_rows), vindex.count
     source = _QuerySource(engine, queries, query_rows, all_vectors)
@@ -870,12 +857,18 @@ def _join(
     probes = vindex.cached_probes(query_rows, nprobe)
     if probes is None:
         probes = _probes(engine, source.range, n_queries, ivf, nprobe)
+    probed, gaps = probes
+    # only the lists within the probe window of each query's best (see default_nprobe)
+    window = float(vindex.params.get("probe_window") or math.inf) * reach
+    near = gaps <= window if math.isfinite(window) else np.ones(gaps.shape, dtype=bool)
+    queries_of, _ = np.nonzero(near)
+    flat_lists = probed[near]
+    stats["lists_per_query"] = round(len(flat_lists) / max(n_queries, 1), 2)
     # (query, list) pairs grouped by list: a radix sort of 16-bit list numbers
-    flat_lists = probes.reshape(-1)
     order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
     bounds = np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
-    by_list = order // nprobe
-    del probes, flat_lists, order
+    by_list = queries_of[order]
+    del probes, probed, gaps, near, queries_of, flat_lists, order
     lists = _ListReader(ivf)
     if engine.bf16:
         source.words()  # made once, before the threads read it
@@ -902,18 +895,13 @@ def _join(
                     found.append(scan(mine, qidx, block_q, base, ids[bs : bs + BASE_TILE]))
         return found
 
-    # Two lists in flight on two threads: one list's gather and selection (numpy, one core) run
-    # while the other's product does. Candidates are taken in list order, as without threads.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="join") as pool:
-        pending: deque[Future] = deque()
-        for lst in np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)):
-            pending.append(pool.submit(scan_list, int(lst)))
-            while len(pending) > 2 or (pending and pending[0].done()):
-                for found in pending.popleft().result():
-                    accept(*found)
-        while pending:
-            for found in pending.popleft().result():
-                accept(*found)
+    # Lists on the worker threads, one core each: a list's gather and selection (numpy) run
+    # beside another's product. Candidates are taken in list order, as without threads.
+    with torch_workers() as pool:
+        todo = np.flatnonzero((np.diff(bounds) > 0) & (lists.sizes > 0)).tolist()
+        for found in in_order(pool, scan_list, todo):
+            for part in found:
+                accept(*part)
     return candidates
 
 
@@ -1113,7 +1101,7 @@ def probe_ranks(index: VectorIndex, queries: np.ndarray, precision: str = "fp32"
 def _pairs_by_list(engine, source, n: int, ivf, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """The (query, probed list) pairs grouped by list: ``order`` indexes the flattened n x nprobe
     probes, and list ``j``'s pairs are ``order[bounds[j]:bounds[j + 1]]``."""
-    flat_lists = _probes(engine, source.range, n, ivf, nprobe).reshape(-1)
+    flat_lists = _probes(engine, source.range, n, ivf, nprobe)[0].reshape(-1)
     order = np.argsort(flat_lists.astype(np.uint16) if ivf.nlist <= 65536 else flat_lists, kind="stable")
     return order, np.searchsorted(flat_lists[order], np.arange(ivf.nlist + 1))
 

@@ -177,7 +177,7 @@ class IvfSearch:
         if relevant.sum() < MIN_RELEVANT:
             relevant = found
         cached = index.cached_probes(np.arange(index.count), 1)
-        lists = cached[:, 0] if cached is not None else list_of_rows(index)
+        lists = cached[0][:, 0] if cached is not None else list_of_rows(index)
         verify = verify_score if verify_score is not None else min_score
         verify = -math.inf if verify is None else verify
         # the lists the search itself will probe, ranked by its own products

@@ -88,6 +88,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from curation_assets.core.atomic import atomic_path
+from curation_assets.core.products import bf16_is_faster
 
 METRICS = ("cosine", "l2")
 INITS = ("kmeans++", "random")
@@ -226,30 +227,6 @@ _TORCH_ON_CPU = False
 _SCREEN: bool | None = None
 _PAD_CENTROIDS = 64  # the screen's product pads the centroids to a multiple of this (see _Screen)
 _SCREEN_MIN_K = 32  # fewer centroids: the product is too small for the screen to pay
-
-
-@functools.cache
-def _bf16_is_faster() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 (AMX, AVX512-BF16).
-
-    Measured once on the Lloyd block shape, best of 3, against numpy's float32 product.
-    """
-    generator = torch.Generator().manual_seed(0)
-    a32 = torch.randn(_GEMM_ROWS, 512, generator=generator)
-    b32 = torch.randn(512, 512, generator=generator)
-    a16, b16 = a32.to(torch.bfloat16), b32.to(torch.bfloat16)
-    a_np, b_np = a32.numpy(), b32.numpy()
-
-    def best(product: Callable[[], Any]) -> float:
-        product()
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    return best(lambda: a16 @ b16.T) * 1.5 < best(lambda: a_np @ b_np.T)
 
 
 # ----------------------------------------------------------------------------- input
@@ -450,7 +427,7 @@ def _screen_on(metric: str, backend: str, ops: _Ops, k: int, d: int) -> bool:
         return False
     if _SCREEN is not None:
         return _SCREEN
-    return k >= _SCREEN_MIN_K and _bf16_is_faster()
+    return k >= _SCREEN_MIN_K and bf16_is_faster()
 
 
 class _Screen:
