@@ -212,6 +212,7 @@ def pipeline(path: Path, threshold: float, kind: str, params: dict, seed: int, p
         "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 3),
         "pairs": len(rows_a),
+        "lists_per_query": stats.get("lists_per_query"),
         "candidates": stats.get("candidates"),
         "capped_queries": stats.get("capped_queries"),
         "groups": int((sizes > 1).sum()),

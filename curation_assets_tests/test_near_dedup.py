@@ -76,6 +76,20 @@ def test_planted_near_duplicates_are_found_precisely(demo_near):
     assert store.global_path("duplicate_groups", "threshold_sweep.png").stat().st_size > 1000
 
 
+def test_the_pairs_materialization_shows_how_the_search_went(demo_near):
+    (project, instance, _, pairs, _), _ = demo_near
+    key = next(
+        k
+        for k in build_definitions([project]).resolve_asset_graph().get_all_asset_keys()
+        if k.path[-1] == "duplicate_pairs"
+    )
+    metadata = instance.fetch_materializations(key, limit=1).records[0].asset_materialization.metadata
+    assert metadata["pairs"].value == len(pairs)
+    assert metadata["candidates_rescored"].value >= len(pairs)  # every pair was re-scored exactly
+    assert metadata["queries_capped"].value == 0
+    assert metadata["search_seconds"].value >= 0 and metadata["queried_rows_per_s"].value > 0
+
+
 def test_groups_have_one_keeper_and_removed_members_are_close_to_it(demo_near):
     (_, _, _, _, groups), _ = demo_near
     assert len(groups) > 0

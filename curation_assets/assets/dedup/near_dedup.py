@@ -273,8 +273,9 @@ def build_pairs_asset(project: ProjectConfig) -> dg.AssetsDefinition:
         )
         start = done["searched_upto"] if incremental else 0
         query_rows = np.arange(start, len(ids), dtype=np.int64)
+        search: dict = {}
         rows_a, rows_b, distance = find_pairs(
-            index, np.asarray(prepared[start:]), query_rows, stage.report_threshold, prepared
+            index, np.asarray(prepared[start:]), query_rows, stage.report_threshold, prepared, stats=search
         )
         found = pl.DataFrame(
             {
@@ -304,6 +305,16 @@ def build_pairs_asset(project: ProjectConfig) -> dg.AssetsDefinition:
                 "incremental": incremental,
                 "report_threshold": stage.report_threshold,
                 "seconds": round(seconds, 2),
+                "search_seconds": round(search.get("search_s", 0.0), 2),
+                "queried_rows_per_s": round(len(query_rows) / max(search.get("search_s", 0.0), 1e-9)),
+                "candidates_rescored": int(search.get("candidates", 0)),
+                "queries_capped": int(search.get("capped_queries", 0)),
+                # IVF: inverted lists searched per query, of nprobe (the probe window narrows them)
+                **(
+                    {"lists_per_query": search["lists_per_query"], "nprobe": int(index.params["nprobe"])}
+                    if "lists_per_query" in search
+                    else {}
+                ),
                 "path": dg.MetadataValue.path(str(pairs_path)),
                 "dagster/row_count": len(pairs),
             },
