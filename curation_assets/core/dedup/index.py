@@ -209,9 +209,10 @@ def default_nprobe(nlist: int) -> int:
     cosine distance t, b stored in list B, the amount by which B's score falls below a's best
     list A is at most (a - b).(c_A - c_B), and |a - b| = sqrt(2t). A query deep inside its
     cell then searches one or two lists, one near a border searches up to nprobe. On the
-    same benchmark (threshold 0.1, window 0.089), relative to all 16 lists: at 200k the
-    join scores 0.41 of the (query, row) pairs for 0.9995 of the pairs, at 1M 0.62 of them
-    for 0.9998. ``probe_window: 0`` searches every one of the nprobe lists.
+    same benchmark (threshold 0.1: a window of 0.089 in score) the join scored ~0.45 of the
+    (query, row) products of all 16 lists at 200k (6.7 lists per query) and ~0.65 at 1M;
+    recall went from 0.999 to 0.997 at 200k and from 0.997 to 0.996 at 1M, and the search
+    from 3.3 to 1.5 s and from 44 to 23 s. ``probe_window: 0`` searches all nprobe lists.
     """
     return min(nlist, max(16, nlist // 128))
 
