@@ -589,7 +589,7 @@ def _block_sums(block: Any, nearest: Any, ops: _Ops) -> tuple[Any, Any]:
     onehot = sp.csr_matrix(
         (np.ones(len(nearest), dtype=np.float32), order, indptr), shape=(len(present), len(nearest))
     )
-    # scipy's sparse x dense product: ~10x faster than torch's index_add_ on this CPU
+    # scipy's sparse x dense product: ~10x faster than torch's index_add_ on a block this size
     return present, onehot @ block
 
 
@@ -627,7 +627,10 @@ def _full_pass(
 
     With the bfloat16 screen, two blocks are in flight on two threads: a block's product runs
     while the other's screen (numpy, single-threaded, the larger share of a block's time) does,
-    which keeps both cores busy. Partial sums are added in block order, so the result does not
+    which keeps both cores busy. The sums of rows kept in memory are one ``index_add_`` over
+    all of them after the pass (float32, in row order: 40 ms for 200k x 512 rows, against
+    ~0.15 s of per-block sparse products and float64 adds per pass); streamed rows are summed
+    per block and the partial sums added in block order. Either way the result does not
     depend on the threads.
     """
     started = time.perf_counter()
@@ -635,6 +638,10 @@ def _full_pass(
     assignment = np.empty(points.n, dtype=np.int64)
     distances = np.empty(points.n, dtype=np.float32)
     sums = ops.zeros((k, points.d), np.float64) if want_sums else None
+    # rows kept in memory on the CPU: their sums in one index_add_ after the pass (torch, both
+    # cores) instead of a sparse product per block and a scattered add of each in turn
+    sums_after = want_sums and ops.numpy and points.cached is not None
+    want_block_sums = want_sums and not sums_after
     # products in bounded blocks; faiss and the k-d tree block for themselves
     step = _block_rows(points, k) if searcher.backend == "torch" else points.chunk_size
     low = points.low_precision() if searcher.screen is not None else None
@@ -655,12 +662,15 @@ def _full_pass(
 
     if searcher.screen is None or (os.cpu_count() or 1) < 2:
         for first, block in blocks():
-            finish(first, *_assign_block(points, searcher, first, block, low, want_sums))
+            finish(first, *_assign_block(points, searcher, first, block, low, want_block_sums))
     else:
         pending: deque[tuple[int, Future]] = deque()
         for first, block in blocks():
             pending.append(
-                (first, _threads().submit(_assign_block, points, searcher, first, block, low, want_sums))
+                (
+                    first,
+                    _threads().submit(_assign_block, points, searcher, first, block, low, want_block_sums),
+                )
             )
             if len(pending) > 2:  # bounded: streamed chunks are not all read ahead
                 done_first, future = pending.popleft()
@@ -668,6 +678,12 @@ def _full_pass(
         while pending:
             done_first, future = pending.popleft()
             finish(done_first, *future.result())
+    if sums_after:
+        rows = torch.from_numpy(points.cached)
+        totals = torch.zeros((k, points.d), dtype=torch.float32).index_add_(
+            0, torch.from_numpy(assignment), rows
+        )
+        sums = totals.numpy().astype(np.float64)
     return assignment, distances, sums, time.perf_counter() - started
 
 
