@@ -94,6 +94,7 @@ METRICS = ("cosine", "l2")
 INITS = ("kmeans++", "random")
 BACKENDS = ("auto", "torch", "faiss", "kdtree")
 _LOW_DIM = 8  # up to this dimension a k-d tree beats brute force (30k x 1000 in 2-D: 17 vs 120 ms)
+_SUM_ROWS = 65536  # rows per float32 index_add_ of a pass's sums (see _full_pass)
 _GEMM_ROWS = 4096  # rows per product block: a 4096 x 1000 float32 score block stays in L3
 _DEFAULT_CACHE_BYTES = 2 << 30
 _DEFAULT_POOL_BYTES = 512 << 20
@@ -627,11 +628,11 @@ def _full_pass(
 
     With the bfloat16 screen, two blocks are in flight on two threads: a block's product runs
     while the other's screen (numpy, single-threaded, the larger share of a block's time) does,
-    which keeps both cores busy. The sums of rows kept in memory are one ``index_add_`` over
-    all of them after the pass (float32, in row order: 40 ms for 200k x 512 rows, against
-    ~0.15 s of per-block sparse products and float64 adds per pass); streamed rows are summed
-    per block and the partial sums added in block order. Either way the result does not
-    depend on the threads.
+    which keeps both cores busy. The sums of rows kept in memory are ``index_add_`` products
+    after the pass (float32 over _SUM_ROWS rows in row order, added up in float64: ~40 ms for
+    200k x 512 rows, against ~0.15 s of per-block sparse products and float64 adds per
+    pass); streamed rows are summed per block and the partial sums added in block order.
+    Either way the result does not depend on the threads.
     """
     started = time.perf_counter()
     ops = points.ops
@@ -679,11 +680,15 @@ def _full_pass(
             done_first, future = pending.popleft()
             finish(done_first, *future.result())
     if sums_after:
-        rows = torch.from_numpy(points.cached)
-        totals = torch.zeros((k, points.d), dtype=torch.float32).index_add_(
-            0, torch.from_numpy(assignment), rows
-        )
-        sums = totals.numpy().astype(np.float64)
+        # float32 over at most _SUM_ROWS rows at a time, those partial sums added in float64:
+        # a float32 running sum over millions of rows would drift
+        rows, clusters = torch.from_numpy(points.cached), torch.from_numpy(assignment)
+        partial = torch.empty((k, points.d), dtype=torch.float32)
+        for start in range(0, points.n, _SUM_ROWS):
+            partial.zero_().index_add_(
+                0, clusters[start : start + _SUM_ROWS], rows[start : start + _SUM_ROWS]
+            )
+            sums += partial.numpy()
     return assignment, distances, sums, time.perf_counter() - started
 
 
