@@ -511,7 +511,7 @@ class _Screen:
             wins = np.flatnonzero(dots == np.repeat(best_dot, np.diff(np.r_[starts, len(r)])))
             first = wins[np.r_[True, r[wins][1:] != r[wins][:-1]]]  # the lowest column of equal dots
             nearest[r[first]] = c[first]
-        dots = np.einsum("ij,ij->i", block, self.centroids[nearest])
+        dots = _paired_dots(block, self.centroids, nearest)
         return nearest, np.maximum(1.0 - dots, 0.0).astype(np.float32)
 
 
@@ -947,7 +947,7 @@ class _ScreenedColumns:
                 np.einsum("ij,j->i", self.x, self.candidates[j]),
             )
         else:
-            found = (rows, np.einsum("ij,j->i", self.x[rows], self.candidates[j]))
+            found = (rows, _dots_at(self.x, rows, self.candidates[j]))
         self.found[j] = found
         return found
 
@@ -973,6 +973,38 @@ class _ScreenedColumns:
             g_now[rows] = np.maximum(g_now[rows], g)
         self.found.clear()  # g_now changed: what other candidates can gain must be looked at again
         self.threshold = None
+
+
+def _inner_products_by_index(left: np.ndarray, right: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float32 ``left[i] . right[ids[i, j]]`` (ids: (len(left), m) int64), reading the rows of
+    ``right`` in place: faiss's SIMD inner products by index, 2.5-4x numpy's gather and einsum
+    here (which copied every row before reading it again), within float32 rounding of them."""
+    import faiss
+
+    left = np.ascontiguousarray(left, dtype=np.float32)
+    right = np.ascontiguousarray(right, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(left),
+        faiss.swig_ptr(right),
+        faiss.swig_ptr(ids),
+        left.shape[1],
+        len(left),
+        ids.shape[1],
+    )
+    return out
+
+
+def _dots_at(x: np.ndarray, rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """float32 ``x[rows] @ vector``, without gathering the rows."""
+    return _inner_products_by_index(vector[None, :], x, rows[None, :])[0]
+
+
+def _paired_dots(x: np.ndarray, centroids: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """float32 ``x[i] . centroids[nearest[i]]`` for every row, without gathering the centroids."""
+    return _inner_products_by_index(x, centroids, nearest[:, None])[:, 0]
 
 
 def _leaf_cells(x: np.ndarray, leaf_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
