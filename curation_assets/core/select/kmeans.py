@@ -500,17 +500,17 @@ class _Screen:
         if len(full):
             nearest[full] = (block[full] @ self.centroids.T).argmax(axis=1)
         if len(several):
-            r, c = np.nonzero(bits[several] >= threshold[several, None])
-            r = np.concatenate([several[r], several])
-            c = np.concatenate([c, nearest[several]])
-            order = np.lexsort((c, r))
-            r, c = r[order], c[order]
-            dots = np.einsum("ij,ij->i", block[r], self.centroids[c])
-            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            best_dot = np.maximum.reduceat(dots, starts)
-            wins = np.flatnonzero(dots == np.repeat(best_dot, np.diff(np.r_[starts, len(r)])))
-            first = wins[np.r_[True, r[wins][1:] != r[wins][:-1]]]  # the lowest column of equal dots
-            nearest[r[first]] = c[first]
+            # each such row's columns within the window (the product's best last), scored in
+            # float32; the winner is the highest score, the lowest column of equal ones
+            window = bits[several] >= threshold[several, None]
+            counts = np.count_nonzero(window, axis=1)
+            rows, cols = np.nonzero(window)
+            ids = np.full((len(several), int(counts.max()) + 1), -1, dtype=np.int64)  # -1: none
+            ids[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+            ids[np.arange(len(several)), counts] = nearest[several]
+            dots = _inner_products_by_index(block[several], self.centroids, ids)  # -inf where -1
+            top = dots.max(axis=1, keepdims=True)
+            nearest[several] = np.where(dots == top, ids, np.iinfo(np.int64).max).min(axis=1)
         dots = _paired_dots(block, self.centroids, nearest)
         return nearest, np.maximum(1.0 - dots, 0.0).astype(np.float32)
 
