@@ -881,14 +881,11 @@ class _ScreenedColumns:
     product (~3x faster than float32 here) gives g~ within E of g (the bound of
     :class:`_Screen`, here per candidate: |xl||c| + |xh||cl| + d 2^-24 |xh||ch| + u |g~|);
     only the rows with g~ + E > g_now can gain, and their g is recomputed in float32
-    (the rows gathered, one product). After the first few centres that is a small share
-    of the rows (random 512-d data: ~3% at 10 centres, ~0.1% at 500). When it is not (over
-    an eighth of the rows), the whole column is computed in float32. ``kept`` returns the
-    gain sum max(g_j - g_now, 0), which ranks candidates as the float32 path's
-    sum max(g_now, g_j) does (both are the potential left, less a constant).
+    (:func:`_dots_at`: each row read in place by index). After the first few centres that
+    is a small share of the rows (random 512-d data: ~3% at 10 centres, ~0.1% at 500).
+    ``kept`` returns the gain sum max(g_j - g_now, 0), which ranks candidates as the float32
+    path's sum max(g_now, g_j) does (both are the potential left, less a constant).
     """
-
-    FULL_SHARE = 4  # a gathered row costs ~2-3 streamed ones
 
     def __init__(
         self, points: _Points, candidates: np.ndarray, scratch: np.ndarray, wide: _WideBuffers
@@ -933,28 +930,22 @@ class _ScreenedColumns:
             self.threshold = bits
         return self.threshold
 
-    def _exact(self, j: int, g_now: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """(rows that can gain or None for all rows, their float32 g_j)."""
+    def _exact(self, j: int, g_now: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows that can gain, their float32 g_j)."""
         if j in self.found:
             return self.found[j]
         # bfloat16 patterns as int16 order like their values where the threshold is positive;
         # a negative pattern never reaches a positive threshold, and INT16_MIN passes all
         rows = np.flatnonzero(self.bits[j] >= self._threshold(g_now))
-        # einsum: single-threaded; BLAS's threaded gemv stalls on a shared CPU (see _Ops)
-        if len(rows) * self.FULL_SHARE > len(g_now):
-            found: tuple[np.ndarray | None, np.ndarray] = (
-                None,
-                np.einsum("ij,j->i", self.x, self.candidates[j]),
-            )
-        else:
-            found = (rows, _dots_at(self.x, rows, self.candidates[j]))
+        # read in place by index: faster than numpy streaming every row even when most can gain
+        found = (rows, _dots_at(self.x, rows, self.candidates[j]))
         self.found[j] = found
         return found
 
     def kept_all(self, candidates: list[int], g_now: np.ndarray) -> list[float]:
         """:meth:`kept` of each candidate, two at a time on two threads: a candidate's work is
-        gathering the rows it may gain and their float32 products (numpy, GIL released), which
-        one core does at a time; the result is the same as in turn."""
+        the float32 products of the rows it may gain (memory-bound, GIL released), which one
+        core does at a time; the result is the same as in turn."""
         self._threshold(g_now)  # made once, before the threads read it
         if len(candidates) < 2 or (os.cpu_count() or 1) < 2:
             return [self.kept(j, g_now) for j in candidates]
@@ -962,15 +953,11 @@ class _ScreenedColumns:
 
     def kept(self, j: int, g_now: np.ndarray) -> float:
         rows, g = self._exact(j, g_now)
-        now = g_now if rows is None else g_now[rows]
-        return float(np.maximum(g - now, 0.0).sum(dtype=np.float64))
+        return float(np.maximum(g - g_now[rows], 0.0).sum(dtype=np.float64))
 
     def take(self, j: int, g_now: np.ndarray) -> None:
         rows, g = self._exact(j, g_now)
-        if rows is None:
-            np.maximum(g_now, g, out=g_now)
-        else:
-            g_now[rows] = np.maximum(g_now[rows], g)
+        g_now[rows] = np.maximum(g_now[rows], g)
         self.found.clear()  # g_now changed: what other candidates can gain must be looked at again
         self.threshold = None
 
