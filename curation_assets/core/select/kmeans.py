@@ -9,7 +9,8 @@ draws the balanced sample from the :class:`Hierarchy` built here.
     that lowers the potential most is kept), then Lloyd iterations. Metric ``cosine``
     (rows L2-normalised, centroids are normalised means: spherical k-means; distance
     ``1 - cos``) or ``l2`` (squared Euclidean). Distances are float32 matrix products;
-    centroid sums are float32 over at most ``_GEMM_ROWS`` rows and accumulated in float64.
+    centroid sums are float32 over at most ``_SUM_ROWS`` rows (``_GEMM_ROWS`` when rows are
+    streamed) and accumulated in float64.
     Empty clusters are re-seeded deterministically with the points farthest from their
     centroids (farthest first, ties by row; empty clusters in id order). Same seed, same
     result; the chunk size only changes float64 summation order.
@@ -24,8 +25,9 @@ draws the balanced sample from the :class:`Hierarchy` built here.
 Speed (the work is matrix products; everything else is kept off the hot path):
 
 - Lloyd: one pass over the data per iteration: ``block @ centroids.T`` then arg-max in
-  blocks of ``_GEMM_ROWS`` rows, so the score block stays in cache; centroid sums in the
-  same pass (a sparse one-hot product). Backend ``torch`` ("matrix products"): torch on
+  blocks of ``_GEMM_ROWS`` rows, so the score block stays in cache; centroid sums after the
+  pass (``index_add_``) for rows kept in memory, in the same pass (a sparse one-hot product
+  per block) for streamed ones. Backend ``torch`` ("matrix products"): torch on
   CUDA, and on the CPU the same products through numpy's BLAS (see :class:`_Ops` for why).
   Backend ``faiss`` does the nearest-centroid search with faiss (GPU index when the device
   is CUDA and faiss has GPUs) instead; everything else is shared.
@@ -37,11 +39,13 @@ Speed (the work is matrix products; everything else is kept off the hot path):
   same centres and assignment, within float32 rounding). The screen keeps a bfloat16 copy
   of the cached rows (half the cache's size again); streamed rows are converted per block.
   The screen's own work is numpy on one core, so two blocks are in flight on two threads (one
-  multiplying while the other is screened; partial sums added in block order, so results do not
-  depend on it), and k-means++ scores a centre's candidates two at a time. The centroids are
-  padded to a multiple of 64 rows for the product (oneDNN's AMX kernels: 3 ms instead of 9 for
-  4096 x 1000 x 512). Measured on this 2-core CPU (200k x 512, k = 1000, 20 iterations): Lloyd
-  at 1.1-1.4x the float32 sgemm rate of the same run (it was 0.6-0.8x before the threads).
+  multiplying while the other is screened; results do not depend on it), and k-means++ scores
+  a centre's candidates two at a time. The float32 dot products of single rows (the winners'
+  distances, the close calls, k-means++'s gains) read the rows in place by index with faiss's
+  SIMD kernels (:func:`_inner_products_by_index`) instead of gathering copies. The centroids
+  are padded to a multiple of 64 rows for the product (oneDNN's AMX kernels: 3 ms instead of
+  9 for 4096 x 1000 x 512). Measured on this 2-core CPU (200k x 512, k = 1000, 20
+  iterations): Lloyd at 1.8-2.4x the float32 sgemm rate of the same run.
 - k-means++: exact greedy k-means++ needs, per new centre, the distance of every point to
   each of its candidates: a skinny product that rereads the whole matrix per centre (1000
   centres x 400 MB at 200k x 512 float32: memory-bound). Here candidates for many centres
