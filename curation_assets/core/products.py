@@ -25,6 +25,10 @@ from curation_assets.core.pool import usable_cores
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+# Product operands are padded with zero rows to a multiple of this: oneDNN's AMX kernels run
+# ~3x faster on such shapes (4096 x 1000 x 512: 9 ms, x 1024: 3 ms)
+PAD_ROWS = 64
+
 
 @functools.cache
 def bf16_is_faster() -> bool:
@@ -56,6 +60,17 @@ def bf16_is_faster() -> bool:
         return min(times)
 
     return best(lambda: a16 @ b16.T) * 1.5 < best(lambda: a_np @ b_np.T)
+
+
+def padded(matrix: Any, dtype: Any) -> Any:
+    """``matrix`` (numpy or torch) as a torch matrix in ``dtype`` with zero rows added up to a
+    multiple of PAD_ROWS (the callers cut off their scores)."""
+    import torch
+
+    rows, dim = matrix.shape
+    out = torch.zeros((-(-rows // PAD_ROWS) * PAD_ROWS, dim), dtype=dtype)
+    out[:rows] = torch.as_tensor(matrix)
+    return out
 
 
 @contextlib.contextmanager

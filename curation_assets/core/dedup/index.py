@@ -81,8 +81,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from curation_assets.core.dedup.quantizer import padded, top_lists, train_centroids
-from curation_assets.core.products import bf16_is_faster, in_order, torch_workers
+from curation_assets.core.dedup.quantizer import top_lists, train_centroids
+from curation_assets.core.products import bf16_is_faster, in_order, padded, torch_workers
 
 log = logging.getLogger(__name__)
 

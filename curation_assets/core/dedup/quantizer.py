@@ -24,20 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from curation_assets.core.products import padded
+
 BLOCK_ROWS = 4096
-PAD_CENTROIDS = 64  # oneDNN's AMX kernels run much faster on multiples of 64 rows
 PACKED_MAX_LISTS = 1 << 16  # the key's low 16 bits hold the column
-
-
-def padded(centroids: np.ndarray, dtype: Any) -> Any:
-    """``centroids`` as a torch matrix in ``dtype``, zero rows added up to a multiple of
-    PAD_CENTROIDS (their scores are cut off by the callers)."""
-    import torch
-
-    k, d = centroids.shape
-    out = torch.zeros((-(-k // PAD_CENTROIDS) * PAD_CENTROIDS, d), dtype=dtype)
-    out[:k] = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
-    return out
 
 
 def argmax_rows(scores: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -119,11 +109,13 @@ def train_centroids(training: np.ndarray, nlist: int, niter: int, seed: int, bf1
     low = rows.to(dtype)
     # one block at a time, torch on every core: at these widths (nlist >= 1024) its products
     # scale with threads (4096 x 1024 x 512: 6.8 ms on one core, 2.7 ms on two)
-    buffer = torch.empty((min(BLOCK_ROWS, n), -(-nlist // PAD_CENTROIDS) * PAD_CENTROIDS), dtype=dtype)
+    buffer = None
     assignment = np.empty(n, dtype=np.int64)
     best = np.empty(n, dtype=np.float32)
     for _ in range(niter):
         right = padded(centroids, dtype)
+        if buffer is None:
+            buffer = torch.empty((min(BLOCK_ROWS, n), len(right)), dtype=dtype)
         for start in range(0, n, BLOCK_ROWS):
             block = low[start : start + BLOCK_ROWS]
             scores = torch.matmul(block, right.T, out=buffer[: len(block)])

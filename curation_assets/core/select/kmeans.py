@@ -79,9 +79,8 @@ import math
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from curation_assets.core.atomic import atomic_path
-from curation_assets.core.products import bf16_is_faster
+from curation_assets.core.products import bf16_is_faster, in_order, padded
 
 METRICS = ("cosine", "l2")
 INITS = ("kmeans++", "random")
@@ -230,7 +229,6 @@ _TORCH_ON_CPU = False
 # The bfloat16 screen of the cosine assignment on the CPU (see _Screen): None measures once
 # whether this CPU multiplies bfloat16 clearly faster than float32; tests force it on or off.
 _SCREEN: bool | None = None
-_PAD_CENTROIDS = 64  # the screen's product pads the centroids to a multiple of this (see _Screen)
 _SCREEN_MIN_K = 32  # fewer centroids: the product is too small for the screen to pay
 
 
@@ -464,11 +462,7 @@ class _Screen:
         self.cl_max = float(errors.max())
         self.accumulate = centroids.shape[1] * 2.0**-24 * 1.01
         self.out = 2.0**-7
-        # zero rows up to a multiple of _PAD_CENTROIDS (their scores are cut off): oneDNN's AMX
-        # kernels run ~3x faster on such shapes (4096 x 1000 x 512: 9 ms, x 1024: 3 ms)
-        k, d = self.high.shape
-        self.padded = torch.zeros((-(-k // _PAD_CENTROIDS) * _PAD_CENTROIDS, d), dtype=torch.bfloat16)
-        self.padded[:k] = self.high
+        self.padded = padded(self.high, torch.bfloat16)  # AMX's fast shapes
         self._buffers = threading.local()  # a reused (rows x padded k) bfloat16 buffer per thread
 
     def __call__(
@@ -669,20 +663,13 @@ def _full_pass(
         for first, block in blocks():
             finish(first, *_assign_block(points, searcher, first, block, low, want_block_sums))
     else:
-        pending: deque[tuple[int, Future]] = deque()
-        for first, block in blocks():
-            pending.append(
-                (
-                    first,
-                    _threads().submit(_assign_block, points, searcher, first, block, low, want_block_sums),
-                )
-            )
-            if len(pending) > 2:  # bounded: streamed chunks are not all read ahead
-                done_first, future = pending.popleft()
-                finish(done_first, *future.result())
-        while pending:
-            done_first, future = pending.popleft()
-            finish(done_first, *future.result())
+        # at most two blocks ahead: streamed chunks are not all read ahead
+        def assign(item: tuple[int, Any]) -> tuple[int, tuple]:
+            first, block = item
+            return first, _assign_block(points, searcher, first, block, low, want_block_sums)
+
+        for first, result in in_order(_threads(), assign, blocks(), ahead=2):
+            finish(first, *result)
     if sums_after:
         # float32 over at most _SUM_ROWS rows at a time, those partial sums added in float64:
         # a float32 running sum over millions of rows would drift
@@ -899,17 +886,13 @@ class _ScreenedColumns:
         high, xl, x_norm = points.low_precision()
         c_high, cl, c_norm = _to_bf16(candidates)
         self.candidates = candidates
-        # the pool padded with zero rows to a multiple of _PAD_CENTROIDS: AMX's fast shapes
-        padded = torch.zeros(
-            (-(-len(c_high) // _PAD_CENTROIDS) * _PAD_CENTROIDS, c_high.shape[1]), dtype=c_high.dtype
-        )
-        padded[: len(c_high)] = c_high
+        pool = padded(c_high, torch.bfloat16)  # AMX's fast shapes
         # (pool, n) bfloat16, rows past the pool unused; written 16384 rows of x at a time: one
         # product with n output columns ran at half the rate (oneDNN's blocking of a wide output)
-        columns, chunk = wide.get(len(padded), len(high))
+        columns, chunk = wide.get(len(pool), len(high))
         for start in range(0, len(high), _WIDE_CHUNK):
             part = high[start : start + _WIDE_CHUNK]
-            columns[:, start : start + len(part)] = torch.matmul(padded, part.T, out=chunk[:, : len(part)])
+            columns[:, start : start + len(part)] = torch.matmul(pool, part.T, out=chunk[:, : len(part)])
         self.bits = columns.view(torch.int16).numpy()
         xh_max = float((x_norm + xl).max())
         accumulate = candidates.shape[1] * 2.0**-24 * 1.01
